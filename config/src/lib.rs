@@ -1,0 +1,43 @@
+//! Outrigger's policy vocabulary: the resource types, and loading them
+//! from Kubernetes-shaped YAML.
+//!
+//! Loading goes in two steps, with two sets of types:
+//!
+//! - **raw** (`raw.rs`): serde types that mirror the YAML exactly, field for
+//!   field, refusing unknown keys. Nearly everything is optional there, so
+//!   that parsing only fails on shape (a typo in a key, a list where a
+//!   number belongs) and everything else is left to validation.
+//! - **validated** ([`model`]): what the rest of Outrigger uses. Defaults
+//!   are filled in, every field is checked, and references between
+//!   documents resolve, so holders of a [`MeshConfig`] need not re-check.
+//!
+//! Keeping them apart keeps each simple: the raw types say what users may
+//! write (and are what [`to_yaml`] writes), the model says what the proxy
+//! and control plane can rely on, and `validate.rs` is the one place that
+//! turns one into the other, reporting every problem it finds with the
+//! document, resource and field path it concerns ([`ConfigError`]).
+//!
+//! ```
+//! let yaml = r#"
+//! apiVersion: outrigger.io/v1alpha1
+//! kind: Service
+//! metadata: {name: api, namespace: shop}
+//! spec:
+//!   endpoints: [{address: "127.0.0.1:4143"}]
+//! "#;
+//! let config = outrigger_config::load_str("inline", yaml).unwrap();
+//! assert_eq!(config.services[0].id.to_string(), "shop/api");
+//! assert_eq!(config.mesh.trust_domain, "cluster.local");
+//! ```
+
+mod duration;
+mod error;
+mod load;
+pub mod model;
+mod raw;
+mod validate;
+
+pub use duration::parse_duration;
+pub use error::{ConfigError, ConfigErrors};
+pub use load::{load_file, load_str, to_yaml};
+pub use model::*;

@@ -1,0 +1,265 @@
+//! Running the real proxy binary.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Where Cargo put the workspace's binaries: the test executable lives in
+/// `target/<profile>/deps/`, the binaries one level up.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace binaries first (`cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}
+
+pub struct ProxyBuilder {
+    config: String,
+    workload: String,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+/// A running `outrigger-proxy` process.
+pub struct Proxy {
+    child: Option<Child>,
+    pub admin: SocketAddr,
+    /// The `listeners` array from the startup line.
+    pub listeners: Vec<Value>,
+    dir: tempfile::TempDir,
+}
+
+impl ProxyBuilder {
+    pub fn new(config_yaml: impl Into<String>, workload: impl Into<String>) -> Self {
+        Self {
+            config: config_yaml.into(),
+            workload: workload.into(),
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts the proxy and waits until it reports its listeners and says
+    /// it is ready.
+    pub async fn start(self) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("mesh.yaml");
+        std::fs::write(&config_path, &self.config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
+        let mut cmd = Command::new(bin_path("outrigger-proxy"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--workload")
+            .arg(&self.workload)
+            .args(["--admin-addr", "127.0.0.1:0", "--inbound-ip", "127.0.0.1"])
+            .args(&self.args)
+            .env("OUTRIGGER_LOG", "info,outrigger_proxy=debug")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("spawn outrigger-proxy");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .expect("join");
+        let mut proxy = Proxy {
+            child: Some(child),
+            admin: "127.0.0.1:0".parse().expect("addr"),
+            listeners: Vec::new(),
+            dir,
+        };
+        let line = match line {
+            Ok(line) if !line.trim().is_empty() => line,
+            _ => panic!(
+                "outrigger-proxy did not report its listeners; log:\n{}",
+                proxy.logs()
+            ),
+        };
+        let v: Value = serde_json::from_str(&line).expect("startup line is JSON");
+        proxy.admin = v["admin"]
+            .as_str()
+            .expect("admin")
+            .parse()
+            .expect("admin addr");
+        proxy.listeners = v["listeners"].as_array().expect("listeners").clone();
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Runs the binary expecting it to fail at start-up; returns its exit
+    /// status and stderr.
+    pub fn run_expecting_failure(self) -> (ExitStatus, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("mesh.yaml");
+        std::fs::write(&config_path, &self.config).expect("write config");
+        let out = Command::new(bin_path("outrigger-proxy"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--workload")
+            .arg(&self.workload)
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run outrigger-proxy");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Proxy {
+    /// The bound address of the listener with this name (`inbound/http`,
+    /// `outbound/shop/api`, ...).
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|l| l["name"] == name)
+            .and_then(|l| l["addr"].as_str())
+            .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.listeners))
+            .parse()
+            .expect("listener addr")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("mesh.yaml")
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// GET an admin path; returns status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let rsp = crate::clients::http1_get(self.admin, path)
+            .await
+            .expect("admin request");
+        (rsp.0, String::from_utf8_lossy(&rsp.1).into_owned())
+    }
+
+    /// Polls `/ready` until it answers 200 (bounded).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = crate::clients::http1_get(self.admin, "/ready").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy never became ready; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not exit within {within:?}; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The value of one Prometheus sample (exact label set as rendered), or 0.
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        metric_value(&body, name_and_labels)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Sums the samples whose series name starts with `name` and carries every
+/// `key="value"` label in `labels`.
+pub fn metric_sum(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split(['{', ' '])
+                .next()
+                .is_some_and(|series| series == name)
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn metric_value(body: &str, name_and_labels: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if std::thread::panicking() {
+                eprintln!("--- outrigger-proxy log ---\n{}", self.logs());
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

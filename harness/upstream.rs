@@ -1,0 +1,203 @@
+//! Real servers for the proxy to forward to: an HTTP app (HTTP/1.1 and
+//! h2c), an opaque TCP echo server, and a port nobody listens on.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
+
+/// A test HTTP app. Routes:
+/// - `/headers`: JSON of the method, path, version and request headers
+/// - `/echo`: the request body streamed back
+/// - `/slow?ms=N`: answers after N ms
+/// - `/status?code=N`: answers with status N
+/// - `/bytes?n=N`: N bytes of body, streamed in 64 KiB chunks
+///
+/// Every response carries `x-upstream: <name>`.
+pub struct HttpUpstream {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpUpstream {
+    pub async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let conns = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.fetch_add(1, Ordering::Relaxed);
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        handle(name, req)
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            requests,
+            connections,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far (to check the proxy pools them).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HttpUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn query_param(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn handle(name: &'static str, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let mut rsp = match req.uri().path() {
+        "/headers" => {
+            let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (k, v) in req.headers() {
+                headers
+                    .entry(k.as_str().to_string())
+                    .or_default()
+                    .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+            }
+            let doc = serde_json::json!({
+                "method": req.method().as_str(),
+                "path": req.uri().path_and_query().map(|p| p.as_str()),
+                "authority": req.uri().authority().map(|a| a.as_str()),
+                "version": format!("{:?}", req.version()),
+                "headers": headers,
+            });
+            Response::new(full(doc.to_string()))
+        }
+        "/echo" => {
+            // Stream the body back as it arrives.
+            Response::new(req.into_body().map_err(BoxError::from).boxed())
+        }
+        "/slow" => {
+            let ms = query_param(&req, "ms").unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(full("slow done"))
+        }
+        "/status" => {
+            let code = query_param(&req, "code").unwrap_or(200);
+            let mut rsp = Response::new(full(format!("status {code}")));
+            *rsp.status_mut() = StatusCode::from_u16(code as u16).unwrap_or(StatusCode::OK);
+            rsp
+        }
+        "/bytes" => {
+            let n = query_param(&req, "n").unwrap_or(0) as usize;
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks = (0..n.div_ceil(chunk.len())).map(move |i| {
+                let len = chunk.len().min(n - i * chunk.len());
+                Ok::<_, BoxError>(Frame::data(chunk.slice(..len)))
+            });
+            let stream = futures_util::stream::iter(chunks);
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        _ => {
+            let mut rsp = Response::new(full("not found"));
+            *rsp.status_mut() = StatusCode::NOT_FOUND;
+            rsp
+        }
+    };
+    rsp.headers_mut()
+        .insert("x-upstream", http::HeaderValue::from_static(name));
+    Ok(rsp)
+}
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).map_err(|e| match e {}).boxed()
+}
+
+/// A TCP server that echoes every byte, and on EOF from the client sends
+/// "bye" and closes (to prove half-close works both ways).
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpEcho {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.write_all(b"bye").await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address where nothing listens (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}

@@ -1,0 +1,104 @@
+//! Command-line flags. Every flag can also be set with an `OUTRIGGER_*`
+//! environment variable (handy in a Kubernetes pod spec).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::app::ProxyOptions;
+use crate::http::server::ServerSettings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outrigger-proxy",
+    version,
+    about = "The Outrigger sidecar proxy",
+    long_about = "The Outrigger sidecar proxy.\n\nRuns one workload's inbound and outbound listeners from a mesh \
+configuration file. On start it prints one JSON line to stdout with the bound addresses; logs go to stderr."
+)]
+pub struct Args {
+    /// Mesh configuration file (multi-document YAML).
+    #[arg(long, env = "OUTRIGGER_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// The Workload this sidecar runs, as NAME or NAMESPACE/NAME.
+    #[arg(long, env = "OUTRIGGER_WORKLOAD", value_name = "NAME")]
+    pub workload: String,
+
+    /// Admin listener (/live, /ready, /metrics, /config).
+    #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// IP the inbound listeners bind; peers must be able to reach it.
+    #[arg(long, env = "OUTRIGGER_INBOUND_IP", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub inbound_ip: IpAddr,
+
+    /// IP the outbound listeners bind; only the local app should reach it.
+    #[arg(long, env = "OUTRIGGER_OUTBOUND_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub outbound_ip: IpAddr,
+
+    /// IP the local app listens on.
+    #[arg(long, env = "OUTRIGGER_APP_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub app_ip: IpAddr,
+
+    /// Largest request header section accepted (bytes); larger gets 431.
+    #[arg(long, env = "OUTRIGGER_MAX_HEADER_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub max_header_bytes: u32,
+
+    /// Time a client has to send a request's headers (and the longest an
+    /// idle HTTP/1 keep-alive connection is kept), e.g. 10s.
+    #[arg(long, env = "OUTRIGGER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish, e.g. 10s.
+    #[arg(long, env = "OUTRIGGER_DRAIN_DEADLINE", default_value = "10s", value_parser = duration)]
+    pub drain_deadline: Duration,
+
+    /// Worker threads; 1 runs everything on one thread (the usual sidecar
+    /// budget, and the cheapest per request).
+    #[arg(long, env = "OUTRIGGER_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+
+    /// Log filter, e.g. info or outrigger_proxy=debug.
+    #[arg(long, env = "OUTRIGGER_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format.
+    #[arg(long, env = "OUTRIGGER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    let d = outrigger_config::parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than zero".to_string());
+    }
+    Ok(d)
+}
+
+impl Args {
+    pub fn options(&self) -> ProxyOptions {
+        ProxyOptions {
+            config_path: self.config.clone(),
+            workload: self.workload.clone(),
+            admin_addr: self.admin_addr,
+            inbound_ip: self.inbound_ip,
+            outbound_ip: self.outbound_ip,
+            app_ip: self.app_ip,
+            server: ServerSettings {
+                max_header_bytes: self.max_header_bytes as usize,
+                header_read_timeout: self.header_read_timeout,
+            },
+        }
+    }
+}

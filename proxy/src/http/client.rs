@@ -1,0 +1,250 @@
+//! The pooled HTTP client to one upstream endpoint.
+//!
+//! Each endpoint gets its own pair of hyper clients (HTTP/1.1 and HTTP/2
+//! prior knowledge), whose connector always dials that endpoint whatever the
+//! request's authority says. So the request keeps its original `Host` /
+//! `:authority`, and the pools never mix endpoints. The request's HTTP
+//! version is kept hop by hop: an HTTP/2 (gRPC) request stays HTTP/2.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, Version, header};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::body::ProxyBody;
+use crate::transport::ClientTransport;
+
+/// How upstream connections are made and kept.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// Largest response header section accepted from the upstream.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(90),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Why a request to an endpoint failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made; the request was not sent.
+    Connect(String),
+    /// The connection failed while the request was in flight.
+    Upstream(String),
+}
+
+/// Sends requests to one endpoint over pooled, kept-alive connections.
+#[derive(Clone, Debug)]
+pub struct EndpointClient<T: ClientTransport> {
+    addr: SocketAddr,
+    authority: Authority,
+    h1: Client<FixedConnector<T>, ProxyBody>,
+    h2: Client<FixedConnector<T>, ProxyBody>,
+}
+
+impl<T: ClientTransport> EndpointClient<T> {
+    pub fn new(transport: T, addr: SocketAddr, settings: &ClientSettings) -> Self {
+        let connector = FixedConnector {
+            transport,
+            addr,
+            connect_timeout: settings.connect_timeout,
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            // Requests we forward may not be safe to resend: never let the
+            // pool replay one on a fresh connection behind our back.
+            .retry_canceled_requests(false)
+            .http2_max_header_list_size(
+                u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
+            );
+        let h1 = builder.build(connector.clone());
+        builder.http2_only(true);
+        let h2 = builder.build(connector);
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("upstream"));
+        Self {
+            addr,
+            authority,
+            h1,
+            h2,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends a request, keeping its version, method, headers and body.
+    pub fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'static {
+        let is_h2 = req.version() == Version::HTTP_2;
+        let authority = if is_h2 {
+            // HTTP/2 carries the authority in the URI (:authority); keep the
+            // one the client sent.
+            req.uri()
+                .authority()
+                .cloned()
+                .or_else(|| host_authority(&req))
+                .unwrap_or_else(|| self.authority.clone())
+        } else {
+            // HTTP/1 keeps the Host header as sent; the URI authority only
+            // keys the pool, which is per endpoint anyway.
+            if !req.headers().contains_key(header::HOST) {
+                if let Some(a) = req.uri().authority() {
+                    if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
+            }
+            self.authority.clone()
+        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(path);
+        let uri = Uri::from_parts(parts);
+        let client = if is_h2 { &self.h2 } else { &self.h1 };
+        let fut = match uri {
+            Ok(uri) => {
+                *req.uri_mut() = uri;
+                Ok(client.request(req))
+            }
+            Err(e) => Err(SendError::Upstream(format!(
+                "cannot build upstream URI: {e}"
+            ))),
+        };
+        async move {
+            fut?.await.map_err(|e| {
+                if e.is_connect() {
+                    SendError::Connect(error_chain(&e))
+                } else {
+                    SendError::Upstream(error_chain(&e))
+                }
+            })
+        }
+    }
+}
+
+fn host_authority<B>(req: &Request<B>) -> Option<Authority> {
+    let host = req.headers().get(header::HOST)?.to_str().ok()?;
+    Authority::try_from(host).ok()
+}
+
+/// The most specific cause of an error, e.g. "connection refused" rather
+/// than "client error (Connect)".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = e;
+    while let Some(next) = innermost.source() {
+        innermost = next;
+    }
+    innermost.to_string()
+}
+
+// === FixedConnector ===
+
+/// A hyper connector that always dials one address through a transport.
+#[derive(Clone, Debug)]
+pub struct FixedConnector<T> {
+    transport: T,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+}
+
+impl<T: ClientTransport> tower::Service<Uri> for FixedConnector<T> {
+    type Response = UpstreamIo<T::Io>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<UpstreamIo<T::Io>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let transport = self.transport.clone();
+        let addr = self.addr;
+        let timeout = self.connect_timeout;
+        Box::pin(async move {
+            let io = transport.connect(addr, timeout).await?;
+            Ok(UpstreamIo(TokioIo::new(io)))
+        })
+    }
+}
+
+/// An upstream connection as hyper's pool wants it.
+#[derive(Debug)]
+pub struct UpstreamIo<IO>(TokioIo<IO>);
+
+impl<IO> Connection for UpstreamIo<IO> {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Read for UpstreamIo<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Write for UpstreamIo<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}

@@ -1,0 +1,36 @@
+//! The Outrigger sidecar proxy.
+//!
+//! Data flows one way through small modules, each one concern:
+//!
+//! ```text
+//! listener → transport (plaintext now, mTLS later) → http::server
+//!   inbound:  error responses → metrics → headers → forward to the local app
+//!   outbound: error responses → metrics → headers → timeout → balance → http::client
+//!   tcp:      listener → transport → tcp::forward (bytes both ways, idle timeout)
+//! ```
+//!
+//! `app` assembles the pieces from a validated [`outrigger_config::MeshConfig`];
+//! `admin` serves `/live`, `/ready`, `/metrics` and `/config` on its own listener.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod cli;
+pub mod drain;
+pub mod errors;
+pub mod forward;
+pub mod headers;
+pub mod http;
+pub mod inbound;
+pub mod listener;
+pub mod metrics;
+pub mod outbound;
+pub mod state;
+pub mod tcp;
+pub mod timeout;
+pub mod transport;
+
+/// The error type that crosses tower service boundaries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -1,0 +1,74 @@
+//! Accept loops: one task per listener, one task per connection.
+//!
+//! A listener stops accepting (and closes its port) as soon as the drain
+//! starts; connections already accepted carry on and finish gracefully.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::drain;
+use crate::metrics::ConnectionMetrics;
+
+/// Binds a listener. Errors name the address, since "address in use" alone
+/// does not say which of several ports clashed.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))
+}
+
+/// Accepts connections until the drain starts, running `handle` for each on
+/// its own task.
+pub fn spawn_accept_loop<H, F>(
+    listener: TcpListener,
+    name: String,
+    metrics: ConnectionMetrics,
+    mut drain: drain::Watch,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr, drain::Watch) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = drain.signaled() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(listener = %name, %peer, error = %e, "cannot set TCP_NODELAY");
+                    }
+                    metrics.total.increment(1);
+                    let open = metrics.open.clone();
+                    open.increment(1.0);
+                    let conn = handle(stream, peer, drain.clone());
+                    tokio::spawn(async move {
+                        conn.await;
+                        open.decrement(1.0);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: the listener is
+                    // fine, the process is momentarily short. Back off a
+                    // little instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    if is_fatal(&e) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tracing::debug!(listener = %name, "stopped accepting");
+    });
+}
+
+fn is_fatal(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::InvalidInput)
+}

@@ -1,0 +1,93 @@
+//! `outrigger-proxy`: the sidecar binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outrigger_proxy::app;
+use outrigger_proxy::cli::{Args, LogFormat};
+use outrigger_proxy::drain::DrainOutcome;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args);
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outrigger-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("outrigger-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let options = args.options();
+    let loaded = app::load(&options.config_path, &options.workload)?;
+    tracing::info!(workload = %loaded.workload, version = %loaded.version, source = %loaded.source, "configuration loaded");
+    let running = app::start(options, loaded).await?;
+
+    // One machine-readable line on stdout, so scripts and tests learn the
+    // bound ports (listeners may be configured with port 0).
+    let line = serde_json::json!({
+        "event": "listening",
+        "admin": running.admin_addr,
+        "listeners": *running.state.listeners(),
+    });
+    println!("{line}");
+
+    let signal = shutdown_signal().await?;
+    tracing::info!(%signal, deadline = ?args.drain_deadline, "draining");
+    match running.shutdown(args.drain_deadline).await {
+        DrainOutcome::Complete => tracing::info!("drained; exiting"),
+        DrainOutcome::DeadlineExceeded { remaining } => tracing::warn!(
+            remaining,
+            "drain deadline passed with connections still open; exiting anyway"
+        ),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+fn init_logging(args: &Args) {
+    let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
+        eprintln!(
+            "outrigger-proxy: bad --log filter {:?} ({e}); using info",
+            args.log
+        );
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,204 @@
+//! Prometheus metrics, recorded through the `metrics` facade.
+//!
+//! Handles are registered once per listener and status class when the
+//! stack is built, so recording a request is a few atomic operations: no
+//! label formatting or map lookups on the hot path. Label values are
+//! bounded: a direction, a configured service or workload name, a status
+//! class.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::Response;
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower::{Layer, Service};
+
+pub const REQUESTS_TOTAL: &str = "outrigger_requests_total";
+pub const REQUEST_DURATION: &str = "outrigger_request_duration_seconds";
+pub const OPEN_CONNECTIONS: &str = "outrigger_open_connections";
+pub const CONNECTIONS_TOTAL: &str = "outrigger_connections_total";
+pub const TCP_BYTES_TOTAL: &str = "outrigger_tcp_bytes_total";
+pub const CONFIG_INFO: &str = "outrigger_config_info";
+
+/// Latency buckets in seconds, from 100 µs (a local hop) to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns the
+/// handle `/metrics` renders from.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(REQUEST_DURATION.to_string()),
+                    LATENCY_BUCKETS,
+                )
+                .map(|b| b.build_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        REQUESTS_TOTAL,
+        "HTTP requests handled, by direction, service and status class"
+    );
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time from request to response headers, by direction, service and status class"
+    );
+    metrics::describe_gauge!(
+        OPEN_CONNECTIONS,
+        "Open downstream connections, by direction and listener"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Accepted downstream connections, by direction and listener"
+    );
+    metrics::describe_counter!(
+        TCP_BYTES_TOTAL,
+        "Bytes carried by opaque TCP listeners, by direction, listener and flow"
+    );
+    metrics::describe_gauge!(
+        CONFIG_INFO,
+        "1, labelled with the version of the running configuration"
+    );
+}
+
+/// Status classes a response can fall in; index into the handle arrays.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: http::StatusCode) -> usize {
+    (status.as_u16() / 100).clamp(1, 5) as usize - 1
+}
+
+/// Per-listener request metrics.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    totals: [Counter; 5],
+    durations: [Histogram; 5],
+}
+
+impl RequestMetrics {
+    pub fn new(direction: &'static str, service: &str) -> Arc<Self> {
+        let service = service.to_string();
+        let totals = CLASSES.map(|class| {
+            metrics::counter!(REQUESTS_TOTAL, "direction" => direction, "service" => service.clone(), "status_class" => class)
+        });
+        let durations = CLASSES.map(|class| {
+            metrics::histogram!(REQUEST_DURATION, "direction" => direction, "service" => service.clone(), "status_class" => class)
+        });
+        Arc::new(Self { totals, durations })
+    }
+
+    fn record(&self, status: http::StatusCode, start: Instant) {
+        let i = class_index(status);
+        self.totals[i].increment(1);
+        self.durations[i].record(start.elapsed().as_secs_f64());
+    }
+}
+
+/// Per-listener connection metrics.
+#[derive(Clone, Debug)]
+pub struct ConnectionMetrics {
+    pub open: Gauge,
+    pub total: Counter,
+}
+
+impl ConnectionMetrics {
+    pub fn new(direction: &'static str, listener: &str) -> Self {
+        let listener = listener.to_string();
+        Self {
+            open: metrics::gauge!(OPEN_CONNECTIONS, "direction" => direction, "listener" => listener.clone()),
+            total: metrics::counter!(CONNECTIONS_TOTAL, "direction" => direction, "listener" => listener),
+        }
+    }
+}
+
+// === MetricsLayer ===
+
+#[derive(Clone, Debug)]
+pub struct MetricsLayer {
+    metrics: Arc<RequestMetrics>,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: Arc<RequestMetrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Metrics<S> {
+    inner: S,
+    metrics: Arc<RequestMetrics>,
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = Metrics<S>;
+    fn layer(&self, inner: S) -> Metrics<S> {
+        Metrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<S, Req, B> Service<Req> for Metrics<S>
+where
+    S: Service<Req, Response = Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let start = Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let rsp = fut.await?;
+            metrics.record(rsp.status(), start);
+            Ok(rsp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(CLASSES[class_index(http::StatusCode::OK)], "2xx");
+        assert_eq!(CLASSES[class_index(http::StatusCode::CONTINUE)], "1xx");
+        assert_eq!(
+            CLASSES[class_index(http::StatusCode::GATEWAY_TIMEOUT)],
+            "5xx"
+        );
+        assert_eq!(CLASSES[class_index(http::StatusCode::NOT_FOUND)], "4xx");
+    }
+}
