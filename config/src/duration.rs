@@ -36,6 +36,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::format_duration;
@@ -55,7 +56,9 @@ mod tests {
             parse_duration("15").unwrap_err(),
             r#"not a duration "15": expected a whole number and a unit (ms, s, m, h), like 250ms or 15s"#
         );
-        for bad in ["", "s", "1.5s", "15 s", " 15s", "15s ", "-1s", "+1s", "1d", "1S", "1sec", "1h30m"] {
+        for bad in [
+            "", "s", "1.5s", "15 s", " 15s", "15s ", "-1s", "+1s", "1d", "1S", "1sec", "1h30m",
+        ] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.starts_with("not a duration"), "{bad:?}: {err}");
         }
@@ -71,7 +74,9 @@ mod tests {
 
     #[test]
     fn format_is_the_inverse() {
-        for s in ["250ms", "1500ms", "15s", "90s", "2m", "90m", "1h", "48h", "0s"] {
+        for s in [
+            "250ms", "1500ms", "15s", "90s", "2m", "90m", "1h", "48h", "0s",
+        ] {
             let d = parse_duration(s).unwrap();
             assert_eq!(format_duration(d), s);
             assert_eq!(parse_duration(&format_duration(d)), Ok(d));

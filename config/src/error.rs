@@ -114,6 +114,7 @@ impl<'a> IntoIterator for &'a ConfigErrors {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -124,7 +125,8 @@ mod tests {
             document: Some(3),
             resource: Some("Service shop/api".into()),
             field: Some("spec.endpoints[1].address".into()),
-            reason: r#"not a socket address "10.0.0.7": expected IP:PORT like 10.0.0.7:4143"#.into(),
+            reason: r#"not a socket address "10.0.0.7": expected IP:PORT like 10.0.0.7:4143"#
+                .into(),
         };
         assert_eq!(
             full.to_string(),
@@ -137,7 +139,10 @@ mod tests {
             field: Some("kind".into()),
             ..bare.clone()
         };
-        assert_eq!(doc_only.to_string(), "mesh.yaml: document 2: kind: cannot read file");
+        assert_eq!(
+            doc_only.to_string(),
+            "mesh.yaml: document 2: kind: cannot read file"
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_norway::Value;
 
 use crate::error::{ConfigError, ConfigErrors};
@@ -54,7 +54,8 @@ pub(crate) enum Spec {
     Mesh(RawMeshSpec),
     Workload(RawWorkloadSpec),
     Service(RawServiceSpec),
-    TrafficPolicy(RawTrafficPolicySpec),
+    // Boxed: by far the largest spec.
+    TrafficPolicy(Box<RawTrafficPolicySpec>),
     AuthorizationPolicy(RawAuthorizationPolicySpec),
 }
 
@@ -100,20 +101,24 @@ pub fn load_file(path: &Path) -> Result<MeshConfig, ConfigErrors> {
 /// result lists every error found; never a partial configuration.
 pub fn load_str(source_name: &str, yaml: &str) -> Result<MeshConfig, ConfigErrors> {
     let mut errors = Vec::new();
-    let documents = match parse_documents(source_name, yaml, &mut errors) {
-        Ok(documents) => documents,
+    let config = match parse_documents(source_name, yaml, &mut errors) {
+        Ok(documents) => Some(validate::validate(source_name, &documents, &mut errors)),
+        // The rest of the stream is unknown, so validating what came
+        // before could only produce noise about missing references.
         Err(syntax_error) => {
-            // The rest of the stream is unknown, so cross-references
-            // could only produce noise: report what we have.
             errors.push(syntax_error);
-            return Err(ConfigErrors(errors));
+            None
         }
     };
-    let config = validate::validate(source_name, &documents, &mut errors);
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors(errors))
+    match config {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => {
+            // Parsing and validation report in two passes; users read
+            // errors in file order. The sort is stable, so fields keep
+            // their order within a document.
+            errors.sort_by_key(|e| e.document);
+            Err(ConfigErrors(errors))
+        }
     }
 }
 
@@ -166,7 +171,10 @@ fn parse_documents(
             ),
             Some(first) => ctx.error(
                 None,
-                format!("duplicate {}: already defined in document {first}", document.resource()),
+                format!(
+                    "duplicate {}: already defined in document {first}",
+                    document.resource()
+                ),
             ),
         }
     }
@@ -210,7 +218,10 @@ fn parse_document(ctx: &mut Ctx<'_>, index: usize, value: Value) -> Option<Docum
     match header.api_version.as_deref() {
         Some(API_VERSION) => {}
         Some(other) => {
-            ctx.err("apiVersion", format!("unsupported apiVersion {other:?}: expected {API_VERSION:?}"));
+            ctx.err(
+                "apiVersion",
+                format!("unsupported apiVersion {other:?}: expected {API_VERSION:?}"),
+            );
             ok = false;
         }
         None => {
@@ -224,7 +235,10 @@ fn parse_document(ctx: &mut Ctx<'_>, index: usize, value: Value) -> Option<Docum
         Some(kind) => {
             let found = Kind::ALL.into_iter().find(|k| k.as_str() == kind);
             if found.is_none() {
-                ctx.err("kind", format!("unknown kind {kind:?}: expected one of {}", kinds()));
+                ctx.err(
+                    "kind",
+                    format!("unknown kind {kind:?}: expected one of {}", kinds()),
+                );
             }
             found
         }
@@ -299,7 +313,7 @@ fn parse_spec(ctx: &mut Ctx<'_>, kind: Kind, value: Value) -> Option<Spec> {
         Kind::Mesh => Spec::Mesh(parse_value(ctx, "spec", value)?),
         Kind::Workload => Spec::Workload(parse_value(ctx, "spec", value)?),
         Kind::Service => Spec::Service(parse_value(ctx, "spec", value)?),
-        Kind::TrafficPolicy => Spec::TrafficPolicy(parse_value(ctx, "spec", value)?),
+        Kind::TrafficPolicy => Spec::TrafficPolicy(Box::new(parse_value(ctx, "spec", value)?)),
         Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(parse_value(ctx, "spec", value)?),
     })
 }
@@ -316,7 +330,13 @@ fn parse_value<T: DeserializeOwned>(ctx: &mut Ctx<'_>, prefix: &str, value: Valu
                 ("", true) => Some(path.to_string()),
                 (prefix, true) => Some(format!("{prefix}.{path}")),
             };
-            ctx.error(field.as_deref(), e.into_inner().to_string());
+            // serde names the Rust type it expected; users write YAML.
+            let reason = e
+                .into_inner()
+                .to_string()
+                .replace("expected i64", "expected an integer")
+                .replace("expected f64", "expected a number");
+            ctx.error(field.as_deref(), reason);
             None
         }
     }
@@ -335,19 +355,37 @@ fn value_type(value: &Value) -> &'static str {
 }
 
 /// Writes `config` as multi-document YAML that [`load_str`] reads back
-/// into an equal `MeshConfig`. Every default is written out, so the output
-/// also shows what the configuration means in full.
+/// into an equal `MeshConfig` (for any config `load_str` produced; a
+/// hand-built one may hold values, like a zero timeout, that loading
+/// refuses). Every default is written out, so the output also shows what
+/// the configuration means in full.
 pub fn to_yaml(config: &MeshConfig) -> String {
     let mesh_id = ResourceRef::new("", config.mesh.name.as_str());
-    let mut documents = vec![document(Kind::Mesh, &mesh_id, RawMeshSpec::from(&config.mesh))];
+    let mut documents = vec![document(
+        Kind::Mesh,
+        &mesh_id,
+        RawMeshSpec::from(&config.mesh),
+    )];
     for service in &config.services {
-        documents.push(document(Kind::Service, &service.id, RawServiceSpec::from(service)));
+        documents.push(document(
+            Kind::Service,
+            &service.id,
+            RawServiceSpec::from(service),
+        ));
     }
     for workload in &config.workloads {
-        documents.push(document(Kind::Workload, &workload.id, RawWorkloadSpec::from(workload)));
+        documents.push(document(
+            Kind::Workload,
+            &workload.id,
+            RawWorkloadSpec::from(workload),
+        ));
     }
     for policy in &config.traffic_policies {
-        documents.push(document(Kind::TrafficPolicy, &policy.id, RawTrafficPolicySpec::from(policy)));
+        documents.push(document(
+            Kind::TrafficPolicy,
+            &policy.id,
+            RawTrafficPolicySpec::from(policy),
+        ));
     }
     for policy in &config.authorization_policies {
         let spec = RawAuthorizationPolicySpec::from(policy);
@@ -372,6 +410,9 @@ fn document<S: Serialize>(kind: Kind, id: &ResourceRef, spec: S) -> String {
     // that ever change, emit a document that loading refuses rather than
     // one it would silently skip.
     serde_norway::to_string(&document).unwrap_or_else(|e| {
-        format!("serializationError: {:?}\n", format!("cannot serialize {kind} {id}: {e}"))
+        format!(
+            "serializationError: {:?}\n",
+            format!("cannot serialize {kind} {id}: {e}")
+        )
     })
 }

@@ -1,10 +1,10 @@
 //! The validated policy model.
 //!
 //! These types are only ever built by [`crate::load_str`] /
-//! [`crate::load_file`] from raw YAML documents, after every field and cross-reference has been
-//! checked. Code that holds a [`MeshConfig`] can rely on it: every outbound
-//! listener names a service that exists, ports do not clash, durations are
-//! positive, and so on.
+//! [`crate::load_file`] from raw YAML documents, after every field and
+//! cross-reference has been checked. Code that holds a [`MeshConfig`] can
+//! rely on it: every outbound listener names a service that exists, ports
+//! do not clash, durations are positive, and so on.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -378,8 +378,14 @@ impl MeshConfig {
                 let known: Vec<String> = self.workloads.iter().map(|w| w.id.to_string()).collect();
                 Err(format!(
                     "no Workload named {name:?}{}; the configuration defines: {}",
-                    namespace.map(|ns| format!(" in namespace {ns:?}")).unwrap_or_default(),
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    namespace
+                        .map(|ns| format!(" in namespace {ns:?}"))
+                        .unwrap_or_default(),
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ))
             }
         }
@@ -408,11 +414,11 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0s".to_string()
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

@@ -2,13 +2,13 @@
 //!
 //! Almost everything is optional here, even fields the model requires:
 //! that way a missing field gets our own error naming its full path, and
-//! defaults live in one place (`validate.rs`). Numbers are `i64` so that an
+//! defaults are applied in one place (`validate.rs`). Numbers are `i64` so that an
 //! out-of-range port says "must be between 1 and 65535" instead of serde's
 //! "expected u16". Only closed sets of words are enums, where serde's
 //! "unknown variant `htp`, expected `http` or `tcp`" is already clear.
 //!
-//! The same types are serialized by [`crate::to_yaml`], so what we emit is
-//! by construction something we accept.
+//! The same types are serialized by [`crate::to_yaml`], so what we emit
+//! has exactly the shape we parse.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -399,12 +399,15 @@ impl From<&TrafficPolicy> for RawTrafficPolicySpec {
                 max_pending_requests: Some(breaker.max_pending_requests.into()),
                 max_requests: Some(breaker.max_requests.into()),
             }),
-            outlier_detection: policy.outlier_detection.as_ref().map(|o| RawOutlierDetection {
-                consecutive_failures: Some(o.consecutive_failures.into()),
-                base_ejection_time: Some(duration(o.base_ejection_time)),
-                max_ejection_time: Some(duration(o.max_ejection_time)),
-                max_ejection_percent: Some(o.max_ejection_percent.into()),
-            }),
+            outlier_detection: policy
+                .outlier_detection
+                .as_ref()
+                .map(|o| RawOutlierDetection {
+                    consecutive_failures: Some(o.consecutive_failures.into()),
+                    base_ejection_time: Some(duration(o.base_ejection_time)),
+                    max_ejection_time: Some(duration(o.max_ejection_time)),
+                    max_ejection_percent: Some(o.max_ejection_percent.into()),
+                }),
             load_balancer: Some(match policy.load_balancer {
                 LoadBalancer::P2cEwma => RawLoadBalancer::P2cEwma,
                 LoadBalancer::RoundRobin => RawLoadBalancer::RoundRobin,

@@ -47,13 +47,6 @@ impl Ctx<'_> {
         })
     }
 
-    fn required<T: Default>(&mut self, field: &str, value: Option<T>) -> T {
-        value.unwrap_or_else(|| {
-            self.err(field, "required");
-            T::default()
-        })
-    }
-
     /// A DNS-1123 label; `None` when invalid (the error is reported).
     fn label(&mut self, field: &str, value: &str) -> Option<String> {
         dns_label(value).map_err(|e| self.err(field, e)).ok()?;
@@ -80,17 +73,21 @@ impl Ctx<'_> {
         range: RangeInclusive<i64>,
     ) -> T {
         let Some(value) = value else {
-            return match default {
-                Some(default) => default,
-                None => self.required(field, None),
-            };
+            return default.unwrap_or_else(|| {
+                self.err(field, "required");
+                T::default()
+            });
         };
         if !range.contains(&value) {
             // Bounds that are just the type's limit are not worth stating.
             let reason = if *range.end() >= i64::from(u32::MAX) {
                 format!("must be at least {}, got {value}", range.start())
             } else {
-                format!("must be between {} and {}, got {value}", range.start(), range.end())
+                format!(
+                    "must be between {} and {}, got {value}",
+                    range.start(),
+                    range.end()
+                )
             };
             self.err(field, reason);
         }
@@ -106,10 +103,17 @@ impl Ctx<'_> {
         default: Duration,
     ) -> Option<Duration> {
         match value {
-            Some(raw) => positive_duration(&raw.0).map_err(|e| self.err(field, e)).ok(),
+            Some(raw) => positive_duration(&raw.0)
+                .map_err(|e| self.err(field, e))
+                .ok(),
             None => Some(default),
         }
     }
+}
+
+/// An optional list as a slice: absent and empty mean the same.
+fn items<T>(list: &Option<Vec<T>>) -> &[T] {
+    list.as_deref().unwrap_or_default()
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -138,7 +142,10 @@ impl Known {
             .map(|(_, id)| id.name.as_str())
             .collect();
         let reason = if existing.is_empty() {
-            format!("no {kind} {target}; namespace {:?} has no {kind}s", target.namespace)
+            format!(
+                "no {kind} {target}; namespace {:?} has no {kind}s",
+                target.namespace
+            )
         } else {
             format!(
                 "no {kind} {target}; {kind}s in namespace {:?}: {}",
@@ -150,7 +157,11 @@ impl Known {
     }
 }
 
-pub(crate) fn validate(source: &str, documents: &[Document], errors: &mut Vec<ConfigError>) -> MeshConfig {
+pub(crate) fn validate(
+    source: &str,
+    documents: &[Document],
+    errors: &mut Vec<ConfigError>,
+) -> MeshConfig {
     let known = Known(documents.iter().map(|d| (d.kind, d.id.clone())).collect());
 
     // The Mesh first: other documents check SPIFFE IDs against its trust
@@ -168,7 +179,10 @@ pub(crate) fn validate(source: &str, documents: &[Document], errors: &mut Vec<Co
         trust_domain = match &document.spec {
             Some(Spec::Mesh(spec)) => {
                 mesh = validate_mesh(&mut ctx, &document.id.name, spec);
-                let valid = spec.trust_domain.as_deref().is_none_or(|td| self::trust_domain(td).is_ok());
+                let valid = spec
+                    .trust_domain
+                    .as_deref()
+                    .is_none_or(|td| self::trust_domain(td).is_ok());
                 valid.then(|| mesh.trust_domain.clone())
             }
             _ => None,
@@ -210,7 +224,8 @@ pub(crate) fn validate(source: &str, documents: &[Document], errors: &mut Vec<Co
                 config.traffic_policies.push(policy);
             }
             Some(Spec::AuthorizationPolicy(spec)) => {
-                let policy = validate_authorization_policy(&mut ctx, id, spec, &known, trust_domain);
+                let policy =
+                    validate_authorization_policy(&mut ctx, id, spec, &known, trust_domain);
                 config.authorization_policies.push(policy);
             }
         }
@@ -219,17 +234,16 @@ pub(crate) fn validate(source: &str, documents: &[Document], errors: &mut Vec<Co
     config.workloads.sort_by(|a, b| a.id.cmp(&b.id));
     config.services.sort_by(|a, b| a.id.cmp(&b.id));
     config.traffic_policies.sort_by(|a, b| a.id.cmp(&b.id));
-    config.authorization_policies.sort_by(|a, b| a.id.cmp(&b.id));
+    config
+        .authorization_policies
+        .sort_by(|a, b| a.id.cmp(&b.id));
     config
 }
 
 fn validate_mesh(ctx: &mut Ctx<'_>, name: &str, spec: &RawMeshSpec) -> MeshSettings {
     let defaults = MeshSettings::default();
     let trust_domain = match &spec.trust_domain {
-        Some(td) => ctx.check(
-            "spec.trustDomain",
-            trust_domain(td).map(|()| td.clone()),
-        ),
+        Some(td) => ctx.check("spec.trustDomain", trust_domain(td).map(|()| td.clone())),
         None => defaults.trust_domain,
     };
     let default_authorization = match spec.authorization.as_ref().and_then(|a| a.default_action) {
@@ -283,43 +297,52 @@ fn validate_workload(
         Some(sa) => ctx.label("spec.serviceAccount", sa).unwrap_or_default(),
         None => id.name.clone(),
     };
-    // Non-zero port -> the field that claimed it first.
+    // Non-zero port -> the field that claimed it first. Returns false
+    // (after reporting it) when the port is taken.
     let mut ports: HashMap<u16, String> = HashMap::new();
     let mut claim = |ctx: &mut Ctx<'_>, field: String, port: u16| {
         if port == 0 {
-            return;
+            return true;
         }
         if let Some(first) = ports.get(&port) {
             ctx.err(&field, format!("port {port} is already used by {first}"));
-        } else {
-            ports.insert(port, field);
+            return false;
         }
+        ports.insert(port, field);
+        true
     };
 
-    let raw_inbound = spec.inbound.as_deref().unwrap_or_default();
+    let raw_inbound = items(&spec.inbound);
     if raw_inbound.is_empty() {
-        ctx.err("spec.inbound", "a Workload needs at least one inbound listener");
+        ctx.err(
+            "spec.inbound",
+            "a Workload needs at least one inbound listener",
+        );
     }
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut inbound = Vec::new();
     for (i, raw) in raw_inbound.iter().enumerate() {
         let field = format!("spec.inbound[{i}]");
         let port: u16 = ctx.int(&format!("{field}.port"), raw.port, None, 0..=65535);
-        claim(ctx, format!("{field}.port"), port);
+        let port_free = claim(ctx, format!("{field}.port"), port);
+        // `None` when already reported: an invalid name, or a taken port
+        // (whose default name would clash too).
         let name = match &raw.name {
-            Some(name) => ctx.label(&format!("{field}.name"), name).unwrap_or_default(),
-            None => format!("port-{port}"),
+            Some(name) => ctx.label(&format!("{field}.name"), name),
+            None => port_free.then(|| format!("port-{port}")),
         };
-        if let Some(first) = names.get(&name) {
-            ctx.err(
-                &format!("{field}.name"),
-                format!("duplicate listener name {name:?}: also used by spec.inbound[{first}]"),
-            );
-        } else {
-            names.insert(name.clone(), i);
+        if let Some(name) = &name {
+            if let Some(first) = names.get(name) {
+                ctx.err(
+                    &format!("{field}.name"),
+                    format!("duplicate listener name {name:?}: also used by spec.inbound[{first}]"),
+                );
+            } else {
+                names.insert(name.clone(), i);
+            }
         }
         inbound.push(InboundListener {
-            name,
+            name: name.unwrap_or_default(),
             port,
             app_port: ctx.int(&format!("{field}.appPort"), raw.app_port, None, 1..=65535),
             protocol: protocol(raw.protocol),
@@ -334,7 +357,7 @@ fn validate_workload(
     }
 
     let mut outbound = Vec::new();
-    for (i, raw) in spec.outbound.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, raw) in items(&spec.outbound).iter().enumerate() {
         let field = format!("spec.outbound[{i}]");
         let port: u16 = ctx.int(&format!("{field}.port"), raw.port, None, 0..=65535);
         claim(ctx, format!("{field}.port"), port);
@@ -373,7 +396,7 @@ fn validate_service(
         ctx.check("spec.identity", checked)
     });
     let mut endpoints: Vec<Endpoint> = Vec::new();
-    for (i, raw) in spec.endpoints.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, raw) in items(&spec.endpoints).iter().enumerate() {
         let field = format!("spec.endpoints[{i}].address");
         let Some(address) = &raw.address else {
             ctx.err(&field, "required");
@@ -425,22 +448,25 @@ fn validate_traffic_policy(
     known: &Known,
     policy_for_service: &mut HashMap<ResourceRef, (ResourceRef, usize)>,
 ) -> TrafficPolicy {
-    let service_name = ctx.required_label("spec.service", spec.service.as_ref());
-    let service = ResourceRef::new(id.namespace.as_str(), service_name.unwrap_or_default());
-    if !service.name.is_empty() {
-        known.check(ctx, "spec.service", Kind::Service, &service);
-        if let Some((other, index)) = policy_for_service.get(&service) {
-            ctx.err(
-                "spec.service",
-                format!(
-                    "Service {service} already has TrafficPolicy {other} (document {index}); \
-                     at most one TrafficPolicy per Service"
-                ),
-            );
-        } else {
-            policy_for_service.insert(service.clone(), (id.clone(), ctx.document));
+    let service = match ctx.required_label("spec.service", spec.service.as_ref()) {
+        None => ResourceRef::new("", ""),
+        Some(name) => {
+            let service = ResourceRef::new(id.namespace.as_str(), name);
+            known.check(ctx, "spec.service", Kind::Service, &service);
+            if let Some((other, index)) = policy_for_service.get(&service) {
+                ctx.err(
+                    "spec.service",
+                    format!(
+                        "Service {service} already has TrafficPolicy {other} (document {index}); \
+                         at most one TrafficPolicy per Service"
+                    ),
+                );
+            } else {
+                policy_for_service.insert(service.clone(), (id.clone(), ctx.document));
+            }
+            service
         }
-    }
+    };
 
     let defaults = Timeouts::default();
     let timeouts = match &spec.timeouts {
@@ -456,7 +482,11 @@ fn validate_traffic_policy(
                 }
             },
             connect: ctx
-                .duration("spec.timeouts.connect", raw.connect.as_ref(), defaults.connect)
+                .duration(
+                    "spec.timeouts.connect",
+                    raw.connect.as_ref(),
+                    defaults.connect,
+                )
                 .unwrap_or_default(),
             idle: ctx
                 .duration("spec.timeouts.idle", raw.idle.as_ref(), defaults.idle)
@@ -475,7 +505,11 @@ fn validate_traffic_policy(
                 ctx.int(&field, value, Some(default), 1..=i64::from(u32::MAX))
             };
             CircuitBreaker {
-                max_connections: limit("maxConnections", raw.max_connections, defaults.max_connections),
+                max_connections: limit(
+                    "maxConnections",
+                    raw.max_connections,
+                    defaults.max_connections,
+                ),
                 max_pending_requests: limit(
                     "maxPendingRequests",
                     raw.max_pending_requests,
@@ -498,18 +532,13 @@ fn validate_traffic_policy(
             raw.max_ejection_time.as_ref(),
             Duration::from_secs(300),
         );
-        if let (Some(base), Some(max)) = (base_ejection_time, max_ejection_time) {
-            if max < base {
-                ctx.err(
-                    &format!("{field}.maxEjectionTime"),
-                    format!(
-                        "must be at least baseEjectionTime ({}), got {}",
-                        format_duration(base),
-                        format_duration(max)
-                    ),
-                );
-            }
-        }
+        ensure_at_least(
+            ctx,
+            &format!("{field}.maxEjectionTime"),
+            "baseEjectionTime",
+            base_ejection_time,
+            max_ejection_time,
+        );
         OutlierDetection {
             consecutive_failures: ctx.int(
                 &format!("{field}.consecutiveFailures"),
@@ -561,11 +590,16 @@ fn validate_retries(ctx: &mut Ctx<'_>, raw: &RawRetries) -> RetryPolicy {
             })
             .collect(),
     };
-    for (i, &code) in raw.retriable_status_codes.as_deref().unwrap_or_default().iter().enumerate() {
-        let code = ctx.int(&format!("{field}.retriableStatusCodes[{i}]"), Some(code), None, 100..=599);
+    for (i, &code) in items(&raw.retriable_status_codes).iter().enumerate() {
+        let code = ctx.int(
+            &format!("{field}.retriableStatusCodes[{i}]"),
+            Some(code),
+            None,
+            100..=599,
+        );
         retry_on.push(RetryOn::StatusCode(code));
     }
-    for (i, code) in raw.retriable_grpc_codes.as_deref().unwrap_or_default().iter().enumerate() {
+    for (i, code) in items(&raw.retriable_grpc_codes).iter().enumerate() {
         if !GRPC_CODES.contains(&code.as_str()) {
             ctx.err(
                 &format!("{field}.retriableGrpcCodes[{i}]"),
@@ -578,9 +612,10 @@ fn validate_retries(ctx: &mut Ctx<'_>, raw: &RawRetries) -> RetryPolicy {
         retry_on.push(RetryOn::GrpcStatus(code.clone()));
     }
 
-    let per_try_timeout = raw.per_try_timeout.as_ref().map(|t| {
-        ctx.check(&format!("{field}.perTryTimeout"), positive_duration(&t.0))
-    });
+    let per_try_timeout = raw
+        .per_try_timeout
+        .as_ref()
+        .map(|t| ctx.check(&format!("{field}.perTryTimeout"), positive_duration(&t.0)));
 
     let backoff = raw.backoff.as_ref();
     let backoff_base = ctx.duration(
@@ -593,18 +628,13 @@ fn validate_retries(ctx: &mut Ctx<'_>, raw: &RawRetries) -> RetryPolicy {
         backoff.and_then(|b| b.max_interval.as_ref()),
         Duration::from_millis(250),
     );
-    if let (Some(base), Some(max)) = (backoff_base, backoff_max) {
-        if max < base {
-            ctx.err(
-                &format!("{field}.backoff.maxInterval"),
-                format!(
-                    "must be at least baseInterval ({}), got {}",
-                    format_duration(base),
-                    format_duration(max)
-                ),
-            );
-        }
-    }
+    ensure_at_least(
+        ctx,
+        &format!("{field}.backoff.maxInterval"),
+        "baseInterval",
+        backoff_base,
+        backoff_max,
+    );
 
     let defaults = RetryBudget::default();
     let budget = match &raw.budget {
@@ -654,6 +684,28 @@ fn validate_retries(ctx: &mut Ctx<'_>, raw: &RawRetries) -> RetryPolicy {
     }
 }
 
+/// Reports `field` when its `value` is below the `lower` bound set by
+/// another field. `None` (already reported as invalid) checks nothing.
+fn ensure_at_least(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    lower_name: &str,
+    lower: Option<Duration>,
+    value: Option<Duration>,
+) {
+    match (lower, value) {
+        (Some(lower), Some(value)) if value < lower => ctx.err(
+            field,
+            format!(
+                "must be at least {lower_name} ({}), got {}",
+                format_duration(lower),
+                format_duration(value)
+            ),
+        ),
+        _ => {}
+    }
+}
+
 fn validate_authorization_policy(
     ctx: &mut Ctx<'_>,
     id: &ResourceRef,
@@ -661,11 +713,14 @@ fn validate_authorization_policy(
     known: &Known,
     trust_domain: Option<&str>,
 ) -> AuthorizationPolicy {
-    let workload_name = ctx.required_label("spec.workload", spec.workload.as_ref());
-    let workload = ResourceRef::new(id.namespace.as_str(), workload_name.unwrap_or_default());
-    if !workload.name.is_empty() {
-        known.check(ctx, "spec.workload", Kind::Workload, &workload);
-    }
+    let workload = match ctx.required_label("spec.workload", spec.workload.as_ref()) {
+        None => ResourceRef::new("", ""),
+        Some(name) => {
+            let workload = ResourceRef::new(id.namespace.as_str(), name);
+            known.check(ctx, "spec.workload", Kind::Workload, &workload);
+            workload
+        }
+    };
 
     let action = match spec.action {
         Some(RawAuthzAction::Allow) => AuthzAction::Allow,
@@ -676,9 +731,12 @@ fn validate_authorization_policy(
         }
     };
 
-    let raw_rules = spec.rules.as_deref().unwrap_or_default();
+    let raw_rules = items(&spec.rules);
     if raw_rules.is_empty() {
-        ctx.err("spec.rules", "an AuthorizationPolicy needs at least one rule");
+        ctx.err(
+            "spec.rules",
+            "an AuthorizationPolicy needs at least one rule",
+        );
     }
     let rules = raw_rules
         .iter()
@@ -694,7 +752,12 @@ fn validate_authorization_policy(
     }
 }
 
-fn validate_rule(ctx: &mut Ctx<'_>, field: &str, raw: &RawRule, trust_domain: Option<&str>) -> AuthzRule {
+fn validate_rule(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    raw: &RawRule,
+    trust_domain: Option<&str>,
+) -> AuthzRule {
     let from = raw.from.as_ref();
     let to = raw.to.as_ref();
     let principals = from.and_then(|f| f.principals.as_ref());
@@ -705,8 +768,14 @@ fn validate_rule(ctx: &mut Ctx<'_>, field: &str, raw: &RawRule, trust_domain: Op
 
     // An empty rule would match every request: too easy to write by
     // accident for something that opens (or closes) everything.
-    let lengths = [principals.map(Vec::len), namespaces.map(Vec::len), methods.map(Vec::len)];
-    let lengths = lengths.into_iter().chain([paths.map(Vec::len), ports.map(Vec::len)]);
+    let lengths = [
+        principals.map(Vec::len),
+        namespaces.map(Vec::len),
+        methods.map(Vec::len),
+    ];
+    let lengths = lengths
+        .into_iter()
+        .chain([paths.map(Vec::len), ports.map(Vec::len)]);
     if lengths.flatten().all(|n| n == 0) {
         ctx.err(
             field,
@@ -726,11 +795,17 @@ fn validate_rule(ctx: &mut Ctx<'_>, field: &str, raw: &RawRule, trust_domain: Op
         }),
         paths: each(ctx, &format!("{field}.to.paths"), paths, path_match),
         ports: ports
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+            .map_or(&[][..], Vec::as_slice)
             .iter()
             .enumerate()
-            .map(|(i, &port)| ctx.int(&format!("{field}.to.ports[{i}]"), Some(port), None, 1..=65535))
+            .map(|(i, &port)| {
+                ctx.int(
+                    &format!("{field}.to.ports[{i}]"),
+                    Some(port),
+                    None,
+                    1..=65535,
+                )
+            })
             .collect(),
     }
 }
@@ -742,11 +817,14 @@ fn each<T>(
     list: Option<&Vec<String>>,
     check: impl Fn(&str) -> Result<T, String>,
 ) -> Vec<T> {
-    let items = list.map(Vec::as_slice).unwrap_or_default();
-    items
+    list.map_or(&[][..], Vec::as_slice)
         .iter()
         .enumerate()
-        .filter_map(|(i, item)| check(item).map_err(|e| ctx.err(&format!("{field}[{i}]"), e)).ok())
+        .filter_map(|(i, item)| {
+            check(item)
+                .map_err(|e| ctx.err(&format!("{field}[{i}]"), e))
+                .ok()
+        })
         .collect()
 }
 
@@ -760,7 +838,10 @@ pub(crate) fn dns_label(s: &str) -> Result<(), String> {
         format!("must be at most 63 characters, has {}", s.len())
     } else if s.chars().any(|c| c.is_ascii_uppercase()) {
         format!("must be lowercase: {:?}", s.to_ascii_lowercase())
-    } else if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+    } else if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
         format!("may contain only lowercase letters, digits and '-', found {c:?}")
     } else if s.starts_with('-') || s.ends_with('-') {
         "must start and end with a letter or digit".to_string()
@@ -793,7 +874,10 @@ pub(crate) fn trust_domain(s: &str) -> Result<(), String> {
 pub(crate) fn spiffe_id(s: &str, mesh_trust_domain: Option<&str>) -> Result<(), String> {
     let invalid = |why: String| Err(format!("not a SPIFFE ID {s:?}: {why}"));
     let Some(rest) = s.strip_prefix("spiffe://") else {
-        return invalid("expected spiffe://<trust-domain>/<path>, like spiffe://cluster.local/ns/shop/sa/api".into());
+        return invalid(
+            "expected spiffe://<trust-domain>/<path>, like spiffe://cluster.local/ns/shop/sa/api"
+                .into(),
+        );
     };
     if s.contains(['?', '#']) {
         return invalid("a query or fragment is not allowed".into());
@@ -816,7 +900,9 @@ pub(crate) fn spiffe_id(s: &str, mesh_trust_domain: Option<&str>) -> Result<(), 
             return invalid("path segments '.' and '..' are not allowed".into());
         }
         if segment.contains('*') {
-            return invalid("'*' is only allowed at the end of a principal, to match a prefix".into());
+            return invalid(
+                "'*' is only allowed at the end of a principal, to match a prefix".into(),
+            );
         }
         let valid = segment
             .chars()
@@ -827,14 +913,12 @@ pub(crate) fn spiffe_id(s: &str, mesh_trust_domain: Option<&str>) -> Result<(), 
             ));
         }
     }
-    if let Some(mesh) = mesh_trust_domain {
-        if domain != mesh {
-            return Err(format!(
-                "trust domain {domain:?} of {s:?} differs from the mesh trustDomain {mesh:?}"
-            ));
-        }
+    match mesh_trust_domain {
+        Some(mesh) if domain != mesh => Err(format!(
+            "trust domain {domain:?} of {s:?} differs from the mesh trustDomain {mesh:?}"
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// An exact SPIFFE ID, a prefix ending in `*`, or `*` for anyone.
@@ -866,7 +950,9 @@ fn principal(s: &str, mesh_trust_domain: Option<&str>) -> Result<StringMatch, St
 fn http_method(s: &str) -> Result<(), String> {
     let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if s.is_empty() || !s.chars().all(is_tchar) {
-        return Err(format!("not an HTTP method {s:?}: expected a token like GET or POST"));
+        return Err(format!(
+            "not an HTTP method {s:?}: expected a token like GET or POST"
+        ));
     }
     if s.chars().any(|c| c.is_ascii_lowercase()) {
         return Err(format!(
@@ -900,7 +986,11 @@ fn path_match(s: &str) -> Result<StringMatch, String> {
 
 fn socket_address(s: &str) -> Result<SocketAddr, String> {
     let Ok(address) = s.parse::<SocketAddr>() else {
-        let ipv6_hint = if s.matches(':').count() > 1 { " (IPv6 as [::1]:4143)" } else { "" };
+        let ipv6_hint = if s.matches(':').count() > 1 {
+            " (IPv6 as [::1]:4143)"
+        } else {
+            ""
+        };
         return Err(format!(
             "not a socket address {s:?}: expected IP:PORT like 10.0.0.7:4143{ipv6_hint}"
         ));
@@ -913,14 +1003,21 @@ fn socket_address(s: &str) -> Result<SocketAddr, String> {
 
 /// An OTLP collector URL: `http(s)://host[:port][/...]`.
 fn otlp_endpoint(s: &str) -> Result<(), String> {
-    let rest = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://"));
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"));
     let Some(rest) = rest else {
         return Err(format!(
             "not an OTLP endpoint {s:?}: expected a URL starting with http:// or https://, like http://127.0.0.1:4317"
         ));
     };
+    if s.contains(char::is_whitespace) {
+        return Err(format!(
+            "not an OTLP endpoint {s:?}: must not contain spaces"
+        ));
+    }
     let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() || authority.starts_with(':') || s.contains(char::is_whitespace) {
+    if authority.is_empty() || authority.starts_with(':') {
         return Err(format!(
             "not an OTLP endpoint {s:?}: no host; expected something like http://127.0.0.1:4317"
         ));

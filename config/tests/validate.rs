@@ -12,7 +12,9 @@ use common::*;
 use outrigger_config::*;
 
 fn mesh(spec: &str) -> String {
-    format!("apiVersion: outrigger.io/v1alpha1\nkind: Mesh\nmetadata: {{name: mesh}}\nspec: {spec}\n")
+    format!(
+        "apiVersion: outrigger.io/v1alpha1\nkind: Mesh\nmetadata: {{name: mesh}}\nspec: {spec}\n"
+    )
 }
 
 fn mesh_error(spec: &str, field: &str, phrase: &str) {
@@ -31,17 +33,46 @@ fn mesh_fields() {
     assert_eq!(config.mesh.trust_domain, "prod.example.com");
     assert_eq!(config.mesh.default_authorization, DefaultAction::Allow);
     assert_eq!(config.mesh.tracing.sampling_percent, 100.0);
-    assert_eq!(config.mesh.tracing.otlp_endpoint.as_deref(), Some("https://otel.example.com:4317"));
-    assert_eq!(ok(&mesh("{tracing: {samplingPercent: 0}}")).mesh.tracing.sampling_percent, 0.0);
+    assert_eq!(
+        config.mesh.tracing.otlp_endpoint.as_deref(),
+        Some("https://otel.example.com:4317")
+    );
+    assert_eq!(
+        ok(&mesh("{tracing: {samplingPercent: 0}}"))
+            .mesh
+            .tracing
+            .sampling_percent,
+        0.0
+    );
 }
 
 #[test]
 fn mesh_trust_domain() {
-    mesh_error("{trustDomain: Cluster.Local}", "spec.trustDomain", "use lowercase letters, digits, '-' and '.'");
-    mesh_error("{trustDomain: 'spiffe://cluster.local'}", "spec.trustDomain", "without scheme or path");
-    mesh_error("{trustDomain: cluster.local/x}", "spec.trustDomain", "without scheme or path");
-    mesh_error("{trustDomain: 'cluster..local'}", "spec.trustDomain", "not a trust domain");
-    mesh_error("{trustDomain: ''}", "spec.trustDomain", "not a trust domain");
+    mesh_error(
+        "{trustDomain: Cluster.Local}",
+        "spec.trustDomain",
+        "use lowercase letters, digits, '-' and '.'",
+    );
+    mesh_error(
+        "{trustDomain: 'spiffe://cluster.local'}",
+        "spec.trustDomain",
+        "without scheme or path",
+    );
+    mesh_error(
+        "{trustDomain: cluster.local/x}",
+        "spec.trustDomain",
+        "without scheme or path",
+    );
+    mesh_error(
+        "{trustDomain: 'cluster..local'}",
+        "spec.trustDomain",
+        "not a trust domain",
+    );
+    mesh_error(
+        "{trustDomain: ''}",
+        "spec.trustDomain",
+        "not a trust domain",
+    );
 }
 
 #[test]
@@ -55,17 +86,50 @@ fn mesh_default_action() {
 
 #[test]
 fn mesh_sampling_percent() {
-    mesh_error("{tracing: {samplingPercent: 100.5}}", "spec.tracing.samplingPercent", "must be between 0 and 100, got 100.5");
-    mesh_error("{tracing: {samplingPercent: -1}}", "spec.tracing.samplingPercent", "must be between 0 and 100");
-    mesh_error("{tracing: {samplingPercent: .nan}}", "spec.tracing.samplingPercent", "must be between 0 and 100");
+    mesh_error(
+        "{tracing: {samplingPercent: 100.5}}",
+        "spec.tracing.samplingPercent",
+        "must be between 0 and 100, got 100.5",
+    );
+    mesh_error(
+        "{tracing: {samplingPercent: -1}}",
+        "spec.tracing.samplingPercent",
+        "must be between 0 and 100",
+    );
+    mesh_error(
+        "{tracing: {samplingPercent: .nan}}",
+        "spec.tracing.samplingPercent",
+        "must be between 0 and 100",
+    );
 }
 
 #[test]
 fn mesh_otlp_endpoint() {
-    mesh_error("{tracing: {otlpEndpoint: '127.0.0.1:4317'}}", "spec.tracing.otlpEndpoint", "starting with http:// or https://");
-    mesh_error("{tracing: {otlpEndpoint: 'grpc://collector:4317'}}", "spec.tracing.otlpEndpoint", "starting with http://");
-    mesh_error("{tracing: {otlpEndpoint: 'http://'}}", "spec.tracing.otlpEndpoint", "no host");
-    mesh_error("{tracing: {otlpEndpoint: 'http://:4317'}}", "spec.tracing.otlpEndpoint", "no host");
+    mesh_error(
+        "{tracing: {otlpEndpoint: '127.0.0.1:4317'}}",
+        "spec.tracing.otlpEndpoint",
+        "starting with http:// or https://",
+    );
+    mesh_error(
+        "{tracing: {otlpEndpoint: 'grpc://collector:4317'}}",
+        "spec.tracing.otlpEndpoint",
+        "starting with http://",
+    );
+    mesh_error(
+        "{tracing: {otlpEndpoint: 'http://'}}",
+        "spec.tracing.otlpEndpoint",
+        "no host",
+    );
+    mesh_error(
+        "{tracing: {otlpEndpoint: 'http://:4317'}}",
+        "spec.tracing.otlpEndpoint",
+        "no host",
+    );
+    mesh_error(
+        "{tracing: {otlpEndpoint: 'http://otel collector:4317'}}",
+        "spec.tracing.otlpEndpoint",
+        "must not contain spaces",
+    );
 }
 
 // === Workload ===
@@ -78,16 +142,22 @@ fn workload_error(spec: &str, field: &str, phrase: &str) -> ConfigError {
 
 #[test]
 fn workload_fields() {
-    let config = ok(&with_base(&[doc(
-        "Workload",
-        "subject",
-        "{serviceAccount: web-sa, inbound: [{name: h2, port: 4144, appPort: 8080, protocol: tcp, idleTimeout: 90s}, \
+    let config = ok(&with_base(&[
+        doc(
+            "Workload",
+            "subject",
+            "{serviceAccount: web-sa, inbound: [{name: h2, port: 4144, appPort: 8080, protocol: tcp, idleTimeout: 90s}, \
           {port: 0, appPort: 1}, {port: 0, appPort: 2, name: second-any}], \
           outbound: [{port: 0, service: api}, {port: 0, service: api}, {port: 9002, service: db, namespace: ops}]}",
-    ), doc("Service", "db", "{protocol: tcp}").replace("namespace: shop", "namespace: ops")]));
+        ),
+        doc("Service", "db", "{protocol: tcp}").replace("namespace: shop", "namespace: ops"),
+    ]));
     let w = config.workload(None, "subject").unwrap();
     assert_eq!(w.service_account, "web-sa");
-    assert_eq!(w.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/shop/sa/web-sa");
+    assert_eq!(
+        w.spiffe_id("cluster.local"),
+        "spiffe://cluster.local/ns/shop/sa/web-sa"
+    );
     assert_eq!(w.inbound[0].protocol, Protocol::Tcp);
     assert_eq!(w.inbound[0].idle_timeout, Duration::from_secs(90));
     assert_eq!(w.inbound[1].name, "port-0");
@@ -96,18 +166,30 @@ fn workload_fields() {
 
 #[test]
 fn workload_service_account() {
-    workload_error(&format!("{{serviceAccount: Web, {INBOUND}}}"), "spec.serviceAccount", "must be lowercase");
+    workload_error(
+        &format!("{{serviceAccount: Web, {INBOUND}}}"),
+        "spec.serviceAccount",
+        "must be lowercase",
+    );
 }
 
 #[test]
 fn workload_needs_inbound() {
     workload_error("{}", "spec.inbound", "at least one inbound listener");
-    workload_error("{inbound: []}", "spec.inbound", "at least one inbound listener");
+    workload_error(
+        "{inbound: []}",
+        "spec.inbound",
+        "at least one inbound listener",
+    );
 }
 
 #[test]
 fn inbound_name() {
-    workload_error("{inbound: [{name: HTTP, port: 1, appPort: 2}]}", "spec.inbound[0].name", "not a DNS-1123 label \"HTTP\"");
+    workload_error(
+        "{inbound: [{name: HTTP, port: 1, appPort: 2}]}",
+        "spec.inbound[0].name",
+        "not a DNS-1123 label \"HTTP\"",
+    );
     let error = workload_error(
         "{inbound: [{name: http, port: 1, appPort: 2}, {name: http, port: 3, appPort: 4}]}",
         "spec.inbound[1].name",
@@ -115,21 +197,49 @@ fn inbound_name() {
     );
     assert!(error.reason.contains("spec.inbound[0]"), "{error}");
     // Two listeners on port 0 would both default to "port-0".
-    workload_error("{inbound: [{port: 0, appPort: 2}, {port: 0, appPort: 4}]}", "spec.inbound[1].name", "\"port-0\"");
+    workload_error(
+        "{inbound: [{port: 0, appPort: 2}, {port: 0, appPort: 4}]}",
+        "spec.inbound[1].name",
+        "\"port-0\"",
+    );
 }
 
 #[test]
 fn inbound_port() {
-    workload_error("{inbound: [{port: 70000, appPort: 1}]}", "spec.inbound[0].port", "must be between 0 and 65535, got 70000");
-    workload_error("{inbound: [{port: -1, appPort: 1}]}", "spec.inbound[0].port", "must be between 0 and 65535, got -1");
-    workload_error("{inbound: [{appPort: 1}]}", "spec.inbound[0].port", "required");
+    workload_error(
+        "{inbound: [{port: 70000, appPort: 1}]}",
+        "spec.inbound[0].port",
+        "must be between 0 and 65535, got 70000",
+    );
+    workload_error(
+        "{inbound: [{port: -1, appPort: 1}]}",
+        "spec.inbound[0].port",
+        "must be between 0 and 65535, got -1",
+    );
+    workload_error(
+        "{inbound: [{appPort: 1}]}",
+        "spec.inbound[0].port",
+        "required",
+    );
 }
 
 #[test]
 fn inbound_app_port() {
-    workload_error("{inbound: [{port: 1, appPort: 0}]}", "spec.inbound[0].appPort", "must be between 1 and 65535, got 0");
-    workload_error("{inbound: [{port: 1, appPort: 65536}]}", "spec.inbound[0].appPort", "must be between 1 and 65535");
-    workload_error("{inbound: [{port: 1}]}", "spec.inbound[0].appPort", "required");
+    workload_error(
+        "{inbound: [{port: 1, appPort: 0}]}",
+        "spec.inbound[0].appPort",
+        "must be between 1 and 65535, got 0",
+    );
+    workload_error(
+        "{inbound: [{port: 1, appPort: 65536}]}",
+        "spec.inbound[0].appPort",
+        "must be between 1 and 65535",
+    );
+    workload_error(
+        "{inbound: [{port: 1}]}",
+        "spec.inbound[0].appPort",
+        "required",
+    );
 }
 
 #[test]
@@ -143,13 +253,21 @@ fn inbound_protocol() {
 
 #[test]
 fn inbound_idle_timeout() {
-    workload_error("{inbound: [{port: 1, appPort: 2, idleTimeout: 0s}]}", "spec.inbound[0].idleTimeout", "must be greater than zero");
+    workload_error(
+        "{inbound: [{port: 1, appPort: 2, idleTimeout: 0s}]}",
+        "spec.inbound[0].idleTimeout",
+        "must be greater than zero",
+    );
     workload_error(
         "{inbound: [{port: 1, appPort: 2, idleTimeout: 15}]}",
         "spec.inbound[0].idleTimeout",
         r#"not a duration "15": expected a whole number and a unit (ms, s, m, h), like 250ms or 15s"#,
     );
-    workload_error("{inbound: [{port: 1, appPort: 2, idleTimeout: 1.5h}]}", "spec.inbound[0].idleTimeout", "not a duration \"1.5h\"");
+    workload_error(
+        "{inbound: [{port: 1, appPort: 2, idleTimeout: 1.5h}]}",
+        "spec.inbound[0].idleTimeout",
+        "not a duration \"1.5h\"",
+    );
 }
 
 #[test]
@@ -159,9 +277,15 @@ fn ports_are_unique_across_inbound_and_outbound() {
         "spec.outbound[0].port",
         "port 4144 is already used by spec.inbound[0].port",
     );
-    assert!(error.to_string().starts_with("test.yaml: document 3 (Workload shop/subject): spec.outbound[0].port:"));
+    assert!(
+        error
+            .to_string()
+            .starts_with("test.yaml: document 3 (Workload shop/subject): spec.outbound[0].port:")
+    );
     workload_error(
-        &format!("{{{INBOUND}, outbound: [{{port: 9001, service: api}}, {{port: 9001, service: api}}]}}"),
+        &format!(
+            "{{{INBOUND}, outbound: [{{port: 9001, service: api}}, {{port: 9001, service: api}}]}}"
+        ),
         "spec.outbound[1].port",
         "already used by spec.outbound[0].port",
     );
@@ -174,14 +298,30 @@ fn ports_are_unique_across_inbound_and_outbound() {
 
 #[test]
 fn outbound_port() {
-    workload_error(&format!("{{{INBOUND}, outbound: [{{port: 65536, service: api}}]}}"), "spec.outbound[0].port", "between 0 and 65535");
-    workload_error(&format!("{{{INBOUND}, outbound: [{{service: api}}]}}"), "spec.outbound[0].port", "required");
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 65536, service: api}}]}}"),
+        "spec.outbound[0].port",
+        "between 0 and 65535",
+    );
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{service: api}}]}}"),
+        "spec.outbound[0].port",
+        "required",
+    );
 }
 
 #[test]
 fn outbound_service() {
-    workload_error(&format!("{{{INBOUND}, outbound: [{{port: 1}}]}}"), "spec.outbound[0].service", "required");
-    workload_error(&format!("{{{INBOUND}, outbound: [{{port: 1, service: API}}]}}"), "spec.outbound[0].service", "must be lowercase");
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1}}]}}"),
+        "spec.outbound[0].service",
+        "required",
+    );
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1, service: API}}]}}"),
+        "spec.outbound[0].service",
+        "must be lowercase",
+    );
     workload_error(
         &format!("{{{INBOUND}, outbound: [{{port: 1, service: apii}}]}}"),
         "spec.outbound[0].service",
@@ -207,7 +347,11 @@ fn outbound_namespace() {
 fn outbound_to_a_tcp_service_is_fine() {
     ok(&with_base(&[
         doc("Service", "db", "{protocol: tcp}"),
-        doc("Workload", "web", &format!("{{{INBOUND}, outbound: [{{port: 15432, service: db}}]}}")),
+        doc(
+            "Workload",
+            "web",
+            &format!("{{{INBOUND}, outbound: [{{port: 15432, service: db}}]}}"),
+        ),
     ]));
 }
 
@@ -225,8 +369,13 @@ fn service_fields() {
         "{identity: 'spiffe://cluster.local/ns/shop/sa/subject', protocol: tcp, \
           endpoints: [{address: '10.0.0.7:4143'}, {address: '[::1]:4143'}]}",
     )]));
-    let service = config.service(&ResourceRef::new("shop", "subject")).unwrap();
-    assert_eq!(service.identity.as_deref(), Some("spiffe://cluster.local/ns/shop/sa/subject"));
+    let service = config
+        .service(&ResourceRef::new("shop", "subject"))
+        .unwrap();
+    assert_eq!(
+        service.identity.as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/subject")
+    );
     assert_eq!(service.protocol, Protocol::Tcp);
     assert_eq!(service.endpoints[1].address, "[::1]:4143".parse().unwrap());
 }
@@ -234,16 +383,56 @@ fn service_fields() {
 #[test]
 fn service_identity() {
     let field = "spec.identity";
-    service_error("{identity: 'cluster.local/ns/shop/sa/api'}", field, "expected spiffe://<trust-domain>/<path>");
-    service_error("{identity: 'spiffe://cluster.local'}", field, "path after the trust domain must not be empty");
-    service_error("{identity: 'spiffe://cluster.local/'}", field, "path after the trust domain must not be empty");
-    service_error("{identity: 'spiffe://cluster.local/ns/shop/'}", field, "must not end with '/'");
-    service_error("{identity: 'spiffe://cluster.local/ns//sa'}", field, "empty path segment");
-    service_error("{identity: 'spiffe://cluster.local/ns/shop?x=1'}", field, "query or fragment");
-    service_error("{identity: 'spiffe://cluster.local/ns/shop#x'}", field, "query or fragment");
-    service_error("{identity: 'spiffe://cluster.local/ns/../sa'}", field, "'.' and '..'");
-    service_error("{identity: 'spiffe://cluster.local/ns/a b'}", field, "may contain only letters, digits");
-    service_error("{identity: 'spiffe://Cluster.Local/ns/shop'}", field, "not a trust domain");
+    service_error(
+        "{identity: 'cluster.local/ns/shop/sa/api'}",
+        field,
+        "expected spiffe://<trust-domain>/<path>",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local'}",
+        field,
+        "path after the trust domain must not be empty",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local/'}",
+        field,
+        "path after the trust domain must not be empty",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local/ns/shop/'}",
+        field,
+        "must not end with '/'",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local/ns//sa'}",
+        field,
+        "empty path segment",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local/ns/shop?x=1'}",
+        field,
+        "query or fragment",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local/ns/shop#x'}",
+        field,
+        "query or fragment",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local/ns/../sa'}",
+        field,
+        "'.' and '..'",
+    );
+    service_error(
+        "{identity: 'spiffe://cluster.local/ns/a b'}",
+        field,
+        "may contain only letters, digits",
+    );
+    service_error(
+        "{identity: 'spiffe://Cluster.Local/ns/shop'}",
+        field,
+        "not a trust domain",
+    );
 }
 
 #[test]
@@ -258,13 +447,21 @@ fn service_identity_must_use_the_mesh_trust_domain() {
     ok(&format!(
         "{}---\n{}",
         mesh("{trustDomain: other.local}"),
-        doc("Service", "api", "{identity: 'spiffe://other.local/ns/shop/sa/api'}")
+        doc(
+            "Service",
+            "api",
+            "{identity: 'spiffe://other.local/ns/shop/sa/api'}"
+        )
     ));
 }
 
 #[test]
 fn service_protocol() {
-    service_error("{protocol: HTTP}", "spec.protocol", "unknown variant `HTTP`");
+    service_error(
+        "{protocol: HTTP}",
+        "spec.protocol",
+        "unknown variant `HTTP`",
+    );
 }
 
 #[test]
@@ -274,9 +471,21 @@ fn service_endpoints() {
         "spec.endpoints[1].address",
         r#"not a socket address "10.0.0.7": expected IP:PORT like 10.0.0.7:4143"#,
     );
-    service_error("{endpoints: [{address: 'localhost:80'}]}", "spec.endpoints[0].address", "not a socket address");
-    service_error("{endpoints: [{address: '::1:4143'}]}", "spec.endpoints[0].address", "(IPv6 as [::1]:4143)");
-    service_error("{endpoints: [{address: '10.0.0.7:0'}]}", "spec.endpoints[0].address", "port must not be 0");
+    service_error(
+        "{endpoints: [{address: 'localhost:80'}]}",
+        "spec.endpoints[0].address",
+        "not a socket address",
+    );
+    service_error(
+        "{endpoints: [{address: '::1:4143'}]}",
+        "spec.endpoints[0].address",
+        "(IPv6 as [::1]:4143)",
+    );
+    service_error(
+        "{endpoints: [{address: '10.0.0.7:0'}]}",
+        "spec.endpoints[0].address",
+        "port must not be 0",
+    );
     service_error("{endpoints: [{}]}", "spec.endpoints[0].address", "required");
     service_error(
         "{endpoints: [{address: '10.0.0.7:1'}, {address: '10.0.0.7:1'}]}",
@@ -288,11 +497,20 @@ fn service_endpoints() {
 // === TrafficPolicy ===
 
 fn policy_error(spec: &str, field: &str, phrase: &str) -> ConfigError {
-    assert_doc_error("TrafficPolicy", &format!("{{service: api, {spec}}}"), field, phrase)
+    assert_doc_error(
+        "TrafficPolicy",
+        &format!("{{service: api, {spec}}}"),
+        field,
+        phrase,
+    )
 }
 
 fn policy(spec: &str) -> TrafficPolicy {
-    let config = ok(&with_base(&[doc("TrafficPolicy", "subject", &format!("{{service: api, {spec}}}"))]));
+    let config = ok(&with_base(&[doc(
+        "TrafficPolicy",
+        "subject",
+        &format!("{{service: api, {spec}}}"),
+    )]));
     config.traffic_policies[0].clone()
 }
 
@@ -334,47 +552,104 @@ fn traffic_policy_fields() {
         ]
     );
     assert_eq!(r.per_try_timeout, Some(Duration::from_secs(2)));
-    assert_eq!((r.backoff_base, r.backoff_max), (Duration::from_millis(10), Duration::from_millis(10)));
+    assert_eq!(
+        (r.backoff_base, r.backoff_max),
+        (Duration::from_millis(10), Duration::from_millis(10))
+    );
     assert!(r.retry_non_idempotent);
     assert_eq!(
         r.budget,
-        RetryBudget { ratio: 1.0, min_retries_per_second: 0, window: Duration::from_secs(60) }
+        RetryBudget {
+            ratio: 1.0,
+            min_retries_per_second: 0,
+            window: Duration::from_secs(60)
+        }
     );
-    assert_eq!(p.circuit_breaker, CircuitBreaker { max_connections: 1, max_pending_requests: 2, max_requests: 3 });
+    assert_eq!(
+        p.circuit_breaker,
+        CircuitBreaker {
+            max_connections: 1,
+            max_pending_requests: 2,
+            max_requests: 3
+        }
+    );
     let o = p.outlier_detection.unwrap();
     assert_eq!((o.consecutive_failures, o.max_ejection_percent), (1, 0));
     assert_eq!(p.load_balancer, LoadBalancer::RoundRobin);
-    assert_eq!(policy("loadBalancer: least-request").load_balancer, LoadBalancer::LeastRequest);
+    assert_eq!(
+        policy("loadBalancer: least-request").load_balancer,
+        LoadBalancer::LeastRequest
+    );
 }
 
 #[test]
 fn traffic_policy_service() {
     assert_doc_error("TrafficPolicy", "{}", "spec.service", "required");
-    assert_doc_error("TrafficPolicy", "{service: db}", "spec.service", "no Service shop/db; Services in namespace \"shop\": api");
-    assert_doc_error("TrafficPolicy", "{service: 'shop/api'}", "spec.service", "not a DNS-1123 label");
+    assert_doc_error(
+        "TrafficPolicy",
+        "{service: db}",
+        "spec.service",
+        "no Service shop/db; Services in namespace \"shop\": api",
+    );
+    assert_doc_error(
+        "TrafficPolicy",
+        "{service: 'shop/api'}",
+        "spec.service",
+        "not a DNS-1123 label",
+    );
 }
 
 #[test]
 fn at_most_one_traffic_policy_per_service() {
-    let yaml = with_base(&[doc("TrafficPolicy", "first", "{service: api}"), doc("TrafficPolicy", "second", "{service: api}")]);
-    let error = assert_error(&yaml, "spec.service", "Service shop/api already has TrafficPolicy shop/first (document 3)");
+    let yaml = with_base(&[
+        doc("TrafficPolicy", "first", "{service: api}"),
+        doc("TrafficPolicy", "second", "{service: api}"),
+    ]);
+    let error = assert_error(
+        &yaml,
+        "spec.service",
+        "Service shop/api already has TrafficPolicy shop/first (document 3)",
+    );
     assert_eq!(error.document, Some(4));
     assert_eq!(error.resource.as_deref(), Some("TrafficPolicy shop/second"));
-    assert!(error.reason.contains("at most one TrafficPolicy per Service"), "{error}");
+    assert!(
+        error
+            .reason
+            .contains("at most one TrafficPolicy per Service"),
+        "{error}"
+    );
 }
 
 #[test]
 fn request_timeout_can_be_disabled() {
     for off in ["none", "off", "0s", "0ms"] {
-        assert_eq!(policy(&format!("timeouts: {{request: {off}}}")).timeouts.request, None, "{off}");
+        assert_eq!(
+            policy(&format!("timeouts: {{request: {off}}}"))
+                .timeouts
+                .request,
+            None,
+            "{off}"
+        );
     }
-    policy_error("timeouts: {request: never}", "spec.timeouts.request", "not a duration \"never\"");
+    policy_error(
+        "timeouts: {request: never}",
+        "spec.timeouts.request",
+        "not a duration \"never\"",
+    );
 }
 
 #[test]
 fn connect_and_idle_timeouts() {
-    policy_error("timeouts: {connect: 0s}", "spec.timeouts.connect", "must be greater than zero, got \"0s\"");
-    policy_error("timeouts: {idle: 1 h}", "spec.timeouts.idle", "not a duration \"1 h\"");
+    policy_error(
+        "timeouts: {connect: 0s}",
+        "spec.timeouts.connect",
+        "must be greater than zero, got \"0s\"",
+    );
+    policy_error(
+        "timeouts: {idle: 1 h}",
+        "spec.timeouts.idle",
+        "not a duration \"1 h\"",
+    );
     policy_error(
         "timeouts: {idle: 99999999999999999999h}",
         "spec.timeouts.idle",
@@ -385,8 +660,16 @@ fn connect_and_idle_timeouts() {
 #[test]
 fn retry_attempts() {
     policy_error("retries: {}", "spec.retries.attempts", "required");
-    policy_error("retries: {attempts: 0}", "spec.retries.attempts", "must be between 1 and 10, got 0");
-    policy_error("retries: {attempts: 11}", "spec.retries.attempts", "must be between 1 and 10, got 11");
+    policy_error(
+        "retries: {attempts: 0}",
+        "spec.retries.attempts",
+        "must be between 1 and 10, got 0",
+    );
+    policy_error(
+        "retries: {attempts: 11}",
+        "spec.retries.attempts",
+        "must be between 1 and 10, got 11",
+    );
 }
 
 #[test]
@@ -396,63 +679,146 @@ fn retry_on() {
         "spec.retries.retryOn[0]",
         "unknown variant `retriable-status-codes`, expected one of `5xx`, `gateway-error`, `connect-failure`, `reset`",
     );
-    policy_error("retries: {attempts: 2, retriableStatusCodes: [409, 600]}", "spec.retries.retriableStatusCodes[1]", "must be between 100 and 599, got 600");
-    policy_error("retries: {attempts: 2, retriableStatusCodes: [99]}", "spec.retries.retriableStatusCodes[0]", "between 100 and 599");
+    policy_error(
+        "retries: {attempts: 2, retriableStatusCodes: [409, 600]}",
+        "spec.retries.retriableStatusCodes[1]",
+        "must be between 100 and 599, got 600",
+    );
+    policy_error(
+        "retries: {attempts: 2, retriableStatusCodes: [99]}",
+        "spec.retries.retriableStatusCodes[0]",
+        "between 100 and 599",
+    );
     let error = policy_error(
         "retries: {attempts: 2, retriableGrpcCodes: [UNAVAILABLE]}",
         "spec.retries.retriableGrpcCodes[0]",
         "unknown gRPC status code \"UNAVAILABLE\"",
     );
-    assert!(error.reason.contains("cancelled, unknown, invalid_argument, deadline_exceeded"), "{error}");
-    policy_error("retries: {attempts: 2, retriableGrpcCodes: [ok]}", "spec.retries.retriableGrpcCodes[0]", "unknown gRPC status code \"ok\"");
+    assert!(
+        error
+            .reason
+            .contains("cancelled, unknown, invalid_argument, deadline_exceeded"),
+        "{error}"
+    );
+    policy_error(
+        "retries: {attempts: 2, retriableGrpcCodes: [ok]}",
+        "spec.retries.retriableGrpcCodes[0]",
+        "unknown gRPC status code \"ok\"",
+    );
 }
 
 #[test]
 fn per_try_timeout() {
-    policy_error("retries: {attempts: 2, perTryTimeout: 0ms}", "spec.retries.perTryTimeout", "must be greater than zero");
+    policy_error(
+        "retries: {attempts: 2, perTryTimeout: 0ms}",
+        "spec.retries.perTryTimeout",
+        "must be greater than zero",
+    );
 }
 
 #[test]
 fn retry_backoff() {
-    policy_error("retries: {attempts: 2, backoff: {baseInterval: 0ms}}", "spec.retries.backoff.baseInterval", "greater than zero");
+    policy_error(
+        "retries: {attempts: 2, backoff: {baseInterval: 0ms}}",
+        "spec.retries.backoff.baseInterval",
+        "greater than zero",
+    );
     policy_error(
         "retries: {attempts: 2, backoff: {baseInterval: 1s, maxInterval: 500ms}}",
         "spec.retries.backoff.maxInterval",
         "must be at least baseInterval (1s), got 500ms",
     );
     // The default maxInterval (250ms) is below this base too.
-    policy_error("retries: {attempts: 2, backoff: {baseInterval: 1s}}", "spec.retries.backoff.maxInterval", "got 250ms");
+    policy_error(
+        "retries: {attempts: 2, backoff: {baseInterval: 1s}}",
+        "spec.retries.backoff.maxInterval",
+        "got 250ms",
+    );
 }
 
 #[test]
 fn retry_budget() {
-    policy_error("retries: {attempts: 2, budget: {ratio: 1.5}}", "spec.retries.budget.ratio", "must be between 0 and 1, got 1.5");
-    policy_error("retries: {attempts: 2, budget: {ratio: -0.1}}", "spec.retries.budget.ratio", "between 0 and 1");
-    policy_error("retries: {attempts: 2, budget: {minRetriesPerSecond: -1}}", "spec.retries.budget.minRetriesPerSecond", "must be at least 0, got -1");
-    policy_error("retries: {attempts: 2, budget: {window: 500ms}}", "spec.retries.budget.window", "must be between 1s and 60s, got \"500ms\"");
-    policy_error("retries: {attempts: 2, budget: {window: 61s}}", "spec.retries.budget.window", "between 1s and 60s");
-    policy_error("retries: {attempts: 2, budget: {window: 10}}", "spec.retries.budget.window", "not a duration \"10\"");
+    policy_error(
+        "retries: {attempts: 2, budget: {ratio: 1.5}}",
+        "spec.retries.budget.ratio",
+        "must be between 0 and 1, got 1.5",
+    );
+    policy_error(
+        "retries: {attempts: 2, budget: {ratio: -0.1}}",
+        "spec.retries.budget.ratio",
+        "between 0 and 1",
+    );
+    policy_error(
+        "retries: {attempts: 2, budget: {minRetriesPerSecond: -1}}",
+        "spec.retries.budget.minRetriesPerSecond",
+        "must be at least 0, got -1",
+    );
+    policy_error(
+        "retries: {attempts: 2, budget: {window: 500ms}}",
+        "spec.retries.budget.window",
+        "must be between 1s and 60s, got \"500ms\"",
+    );
+    policy_error(
+        "retries: {attempts: 2, budget: {window: 61s}}",
+        "spec.retries.budget.window",
+        "between 1s and 60s",
+    );
+    policy_error(
+        "retries: {attempts: 2, budget: {window: 10}}",
+        "spec.retries.budget.window",
+        "not a duration \"10\"",
+    );
 }
 
 #[test]
 fn circuit_breaker() {
-    policy_error("circuitBreaker: {maxConnections: 0}", "spec.circuitBreaker.maxConnections", "must be at least 1, got 0");
-    policy_error("circuitBreaker: {maxPendingRequests: 0}", "spec.circuitBreaker.maxPendingRequests", "must be at least 1");
-    policy_error("circuitBreaker: {maxRequests: 4294967296}", "spec.circuitBreaker.maxRequests", "must be at least 1, got 4294967296");
+    policy_error(
+        "circuitBreaker: {maxConnections: 0}",
+        "spec.circuitBreaker.maxConnections",
+        "must be at least 1, got 0",
+    );
+    policy_error(
+        "circuitBreaker: {maxPendingRequests: 0}",
+        "spec.circuitBreaker.maxPendingRequests",
+        "must be at least 1",
+    );
+    policy_error(
+        "circuitBreaker: {maxRequests: 4294967296}",
+        "spec.circuitBreaker.maxRequests",
+        "must be at least 1, got 4294967296",
+    );
     let p = policy("circuitBreaker: {maxRequests: 5}");
-    assert_eq!(p.circuit_breaker, CircuitBreaker { max_requests: 5, ..CircuitBreaker::default() });
+    assert_eq!(
+        p.circuit_breaker,
+        CircuitBreaker {
+            max_requests: 5,
+            ..CircuitBreaker::default()
+        }
+    );
 }
 
 #[test]
 fn outlier_detection() {
-    policy_error("outlierDetection: {consecutiveFailures: 0}", "spec.outlierDetection.consecutiveFailures", "must be at least 1");
-    policy_error("outlierDetection: {baseEjectionTime: 0s}", "spec.outlierDetection.baseEjectionTime", "greater than zero");
+    policy_error(
+        "outlierDetection: {consecutiveFailures: 0}",
+        "spec.outlierDetection.consecutiveFailures",
+        "must be at least 1",
+    );
+    policy_error(
+        "outlierDetection: {baseEjectionTime: 0s}",
+        "spec.outlierDetection.baseEjectionTime",
+        "greater than zero",
+    );
     policy_error(
         "outlierDetection: {baseEjectionTime: 10m, maxEjectionTime: 5m}",
         "spec.outlierDetection.maxEjectionTime",
         "must be at least baseEjectionTime (10m), got 5m",
     );
-    policy_error("outlierDetection: {maxEjectionPercent: 101}", "spec.outlierDetection.maxEjectionPercent", "must be between 0 and 100, got 101");
+    policy_error(
+        "outlierDetection: {maxEjectionPercent: 101}",
+        "spec.outlierDetection.maxEjectionPercent",
+        "must be between 0 and 100, got 101",
+    );
 }
 
 #[test]
@@ -505,14 +871,26 @@ fn authorization_policy_fields() {
     );
     assert_eq!(r.ports, [1, 65535]);
 
-    let config = ok(&with_base(&[doc("AuthorizationPolicy", "subject", "{workload: api, action: DENY, rules: [{to: {ports: [1]}}]}")]));
+    let config = ok(&with_base(&[doc(
+        "AuthorizationPolicy",
+        "subject",
+        "{workload: api, action: DENY, rules: [{to: {ports: [1]}}]}",
+    )]));
     let p = &config.authorization_policies[0];
-    assert_eq!((p.action, &p.workload), (AuthzAction::Deny, &ResourceRef::new("shop", "api")));
+    assert_eq!(
+        (p.action, &p.workload),
+        (AuthzAction::Deny, &ResourceRef::new("shop", "api"))
+    );
 }
 
 #[test]
 fn authorization_policy_workload() {
-    assert_doc_error("AuthorizationPolicy", "{action: ALLOW, rules: [{from: {principals: ['*']}}]}", "spec.workload", "required");
+    assert_doc_error(
+        "AuthorizationPolicy",
+        "{action: ALLOW, rules: [{from: {principals: ['*']}}]}",
+        "spec.workload",
+        "required",
+    );
     assert_doc_error(
         "AuthorizationPolicy",
         "{workload: web, action: ALLOW, rules: [{from: {principals: ['*']}}]}",
@@ -523,7 +901,12 @@ fn authorization_policy_workload() {
 
 #[test]
 fn authorization_policy_action() {
-    assert_doc_error("AuthorizationPolicy", "{workload: api, rules: [{from: {principals: ['*']}}]}", "spec.action", "required: ALLOW or DENY");
+    assert_doc_error(
+        "AuthorizationPolicy",
+        "{workload: api, rules: [{from: {principals: ['*']}}]}",
+        "spec.action",
+        "required: ALLOW or DENY",
+    );
     assert_doc_error(
         "AuthorizationPolicy",
         "{workload: api, action: allow, rules: [{from: {principals: ['*']}}]}",
@@ -534,12 +917,25 @@ fn authorization_policy_action() {
 
 #[test]
 fn authorization_policy_rules() {
-    assert_doc_error("AuthorizationPolicy", "{workload: api, action: ALLOW}", "spec.rules", "at least one rule");
+    assert_doc_error(
+        "AuthorizationPolicy",
+        "{workload: api, action: ALLOW}",
+        "spec.rules",
+        "at least one rule",
+    );
     authz_error("[]", "spec.rules", "at least one rule");
     let phrase = "a rule must match something; to allow everything, use principals: ['*']";
     authz_error("[{}]", "spec.rules[0]", phrase);
-    authz_error("[{from: {principals: ['*']}}, {from: {}, to: {}}]", "spec.rules[1]", phrase);
-    authz_error("[{from: {principals: [], namespaces: []}, to: {methods: [], paths: [], ports: []}}]", "spec.rules[0]", phrase);
+    authz_error(
+        "[{from: {principals: ['*']}}, {from: {}, to: {}}]",
+        "spec.rules[1]",
+        phrase,
+    );
+    authz_error(
+        "[{from: {principals: [], namespaces: []}, to: {methods: [], paths: [], ports: []}}]",
+        "spec.rules[0]",
+        phrase,
+    );
 }
 
 #[test]
@@ -547,38 +943,98 @@ fn rule_principals() {
     let field = "spec.rules[0].from.principals[1]";
     let rules = |p: &str| format!("[{{from: {{principals: ['*', '{p}']}}}}]");
     authz_error(&rules("web"), field, "not a SPIFFE ID \"web\"");
-    authz_error(&rules("spiffe://cluster.local/ns/shop/sa/"), field, "must not end with '/'");
-    authz_error(&rules("spiffe://other.local/ns/shop/sa/web"), field, "differs from the mesh trustDomain \"cluster.local\"");
-    authz_error(&rules("spiffe://other.local/ns/*"), field, "must start with \"spiffe://cluster.local/\"");
-    authz_error(&rules("spiffe://cluster.local*"), field, "must start with \"spiffe://cluster.local/\"");
-    authz_error(&rules("spiffe://cluster.local/ns/*/sa/web"), field, "'*' is only allowed at the end");
-    authz_error(&rules("spiffe://cluster.local/ns/*/*"), field, "'*' is only allowed at the end");
+    authz_error(
+        &rules("spiffe://cluster.local/ns/shop/sa/"),
+        field,
+        "must not end with '/'",
+    );
+    authz_error(
+        &rules("spiffe://other.local/ns/shop/sa/web"),
+        field,
+        "differs from the mesh trustDomain \"cluster.local\"",
+    );
+    authz_error(
+        &rules("spiffe://other.local/ns/*"),
+        field,
+        "must start with \"spiffe://cluster.local/\"",
+    );
+    authz_error(
+        &rules("spiffe://cluster.local*"),
+        field,
+        "must start with \"spiffe://cluster.local/\"",
+    );
+    authz_error(
+        &rules("spiffe://cluster.local/ns/*/sa/web"),
+        field,
+        "'*' is only allowed at the end",
+    );
+    authz_error(
+        &rules("spiffe://cluster.local/ns/*/*"),
+        field,
+        "'*' is only allowed at the end",
+    );
     authz_error(&rules("**"), field, "'*' is only allowed at the end");
 }
 
 #[test]
 fn rule_namespaces() {
-    authz_error("[{from: {namespaces: [shop, Ops]}}]", "spec.rules[0].from.namespaces[1]", "must be lowercase: \"ops\"");
+    authz_error(
+        "[{from: {namespaces: [shop, Ops]}}]",
+        "spec.rules[0].from.namespaces[1]",
+        "must be lowercase: \"ops\"",
+    );
 }
 
 #[test]
 fn rule_methods() {
-    authz_error("[{to: {methods: [get]}}]", "spec.rules[0].to.methods[0]", "uppercase: write \"GET\", not \"get\"");
-    authz_error("[{to: {methods: [GET, 'GE T']}}]", "spec.rules[0].to.methods[1]", "not an HTTP method \"GE T\"");
-    authz_error("[{to: {methods: ['']}}]", "spec.rules[0].to.methods[0]", "not an HTTP method");
+    authz_error(
+        "[{to: {methods: [get]}}]",
+        "spec.rules[0].to.methods[0]",
+        "uppercase: write \"GET\", not \"get\"",
+    );
+    authz_error(
+        "[{to: {methods: [GET, 'GE T']}}]",
+        "spec.rules[0].to.methods[1]",
+        "not an HTTP method \"GE T\"",
+    );
+    authz_error(
+        "[{to: {methods: ['']}}]",
+        "spec.rules[0].to.methods[0]",
+        "not an HTTP method",
+    );
 }
 
 #[test]
 fn rule_paths() {
-    authz_error("[{to: {paths: [api]}}]", "spec.rules[0].to.paths[0]", "path \"api\" must start with '/'");
-    authz_error("[{to: {paths: ['/api/*/items']}}]", "spec.rules[0].to.paths[0]", "'*' is only allowed at the end");
-    authz_error("[{to: {paths: ['/api/**']}}]", "spec.rules[0].to.paths[0]", "'*' is only allowed at the end");
+    authz_error(
+        "[{to: {paths: [api]}}]",
+        "spec.rules[0].to.paths[0]",
+        "path \"api\" must start with '/'",
+    );
+    authz_error(
+        "[{to: {paths: ['/api/*/items']}}]",
+        "spec.rules[0].to.paths[0]",
+        "'*' is only allowed at the end",
+    );
+    authz_error(
+        "[{to: {paths: ['/api/**']}}]",
+        "spec.rules[0].to.paths[0]",
+        "'*' is only allowed at the end",
+    );
 }
 
 #[test]
 fn rule_ports() {
-    authz_error("[{to: {ports: [0]}}]", "spec.rules[0].to.ports[0]", "must be between 1 and 65535, got 0");
-    authz_error("[{to: {ports: [80, 65536]}}]", "spec.rules[0].to.ports[1]", "must be between 1 and 65535");
+    authz_error(
+        "[{to: {ports: [0]}}]",
+        "spec.rules[0].to.ports[0]",
+        "must be between 1 and 65535, got 0",
+    );
+    authz_error(
+        "[{to: {ports: [80, 65536]}}]",
+        "spec.rules[0].to.ports[1]",
+        "must be between 1 and 65535",
+    );
 }
 
 #[test]

@@ -16,8 +16,16 @@ pub fn doc(kind: &str, name: &str, spec: &str) -> String {
 /// references to point at; then `extra` from document 3 on.
 pub fn with_base(extra: &[String]) -> String {
     let mut docs = vec![
-        doc("Service", "api", "{endpoints: [{address: '127.0.0.1:4143'}]}"),
-        doc("Workload", "api", "{inbound: [{port: 4143, appPort: 8080}]}"),
+        doc(
+            "Service",
+            "api",
+            "{endpoints: [{address: '127.0.0.1:4143'}]}",
+        ),
+        doc(
+            "Workload",
+            "api",
+            "{inbound: [{port: 4143, appPort: 8080}]}",
+        ),
     ];
     docs.extend_from_slice(extra);
     docs.join("---\n")
@@ -45,9 +53,18 @@ pub fn errors(yaml: &str) -> Vec<ConfigError> {
 /// `phrase`; returns it for further checks.
 pub fn assert_error(yaml: &str, field: &str, phrase: &str) -> ConfigError {
     let errors = errors(yaml);
-    assert_eq!(errors.len(), 1, "expected one error, got:\n{}", lines(&errors));
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error, got:\n{}",
+        lines(&errors)
+    );
     let error = errors.into_iter().next().unwrap();
-    assert_eq!(error.field.as_deref(), Some(field), "wrong field in: {error}");
+    assert_eq!(
+        error.field.as_deref(),
+        Some(field),
+        "wrong field in: {error}"
+    );
     assert!(
         error.reason.contains(phrase),
         "reason does not contain {phrase:?}: {error}"
@@ -59,10 +76,17 @@ pub fn assert_error(yaml: &str, field: &str, phrase: &str) -> ConfigError {
 pub fn assert_doc_error(kind: &str, spec: &str, field: &str, phrase: &str) -> ConfigError {
     let error = assert_error(&with_base(&[doc(kind, "subject", spec)]), field, phrase);
     assert_eq!(error.document, Some(3), "{error}");
-    assert_eq!(error.resource.as_deref(), Some(format!("{kind} shop/subject").as_str()));
+    assert_eq!(
+        error.resource.as_deref(),
+        Some(format!("{kind} shop/subject").as_str())
+    );
     error
 }
 
 pub fn lines(errors: &[ConfigError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -113,12 +113,11 @@ impl<T: ClientTransport> EndpointClient<T> {
         } else {
             // HTTP/1 keeps the Host header as sent; the URI authority only
             // keys the pool, which is per endpoint anyway.
-            if !req.headers().contains_key(header::HOST) {
-                if let Some(a) = req.uri().authority() {
-                    if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
-                        req.headers_mut().insert(header::HOST, v);
-                    }
-                }
+            if !req.headers().contains_key(header::HOST)
+                && let Some(a) = req.uri().authority()
+                && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+            {
+                req.headers_mut().insert(header::HOST, v);
             }
             self.authority.clone()
         };
