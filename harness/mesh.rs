@@ -73,21 +73,45 @@ impl Pair {
         Self::start_with(app, protocol, extra, &[]).await
     }
 
+    /// Like [`Pair::start`], with extra flags for the client-side sidecar.
     pub async fn start_with(
         app: SocketAddr,
         protocol: &str,
         extra: &str,
         client_args: &[&str],
     ) -> Pair {
-        let server = ProxyBuilder::new(server_config(app.port(), protocol), "shop/api")
-            .start()
-            .await;
+        let args: Vec<String> = client_args.iter().map(|s| s.to_string()).collect();
+        Self::start_custom(
+            app,
+            protocol,
+            extra,
+            |b| b,
+            move |b| args.iter().fold(b, |b, a| b.arg(a.clone())),
+        )
+        .await
+    }
+
+    /// Full control: `server` and `client` adjust each sidecar's builder.
+    pub async fn start_custom(
+        app: SocketAddr,
+        protocol: &str,
+        extra: &str,
+        server: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
+        client: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
+    ) -> Pair {
+        let server = server(ProxyBuilder::new(
+            server_config(app.port(), protocol),
+            "shop/api",
+        ))
+        .start()
+        .await;
         let inbound = server.listener("inbound/main");
-        let mut builder = ProxyBuilder::new(client_config(&[inbound], protocol, extra), "shop/web");
-        for arg in client_args {
-            builder = builder.arg(*arg);
-        }
-        let client = builder.start().await;
+        let client = client(ProxyBuilder::new(
+            client_config(&[inbound], protocol, extra),
+            "shop/web",
+        ))
+        .start()
+        .await;
         let outbound = client.listener("outbound/shop/api");
         Pair {
             server,

@@ -29,6 +29,8 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub struct ProxyBuilder {
     config: String,
     workload: String,
+    /// A command the binary runs under, e.g. `taskset -c 1` (benches).
+    wrapper: Vec<String>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -47,6 +49,7 @@ impl ProxyBuilder {
         Self {
             config: config_yaml.into(),
             workload: workload.into(),
+            wrapper: Vec::new(),
             args: Vec::new(),
             envs: Vec::new(),
         }
@@ -54,6 +57,13 @@ impl ProxyBuilder {
 
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
+        self
+    }
+
+    /// Runs the binary under another command that execs it (so the pid is
+    /// the proxy's), e.g. `["taskset", "-c", "1"]`.
+    pub fn wrap(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
         self
     }
 
@@ -69,7 +79,14 @@ impl ProxyBuilder {
         let config_path = dir.path().join("mesh.yaml");
         std::fs::write(&config_path, &self.config).expect("write config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
-        let mut cmd = Command::new(bin_path("outrigger-proxy"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin_path("outrigger-proxy"));
+                cmd
+            }
+            None => Command::new(bin_path("outrigger-proxy")),
+        };
         cmd.arg("--config")
             .arg(&config_path)
             .arg("--workload")

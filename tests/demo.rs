@@ -1,0 +1,17 @@
+//! The README's demo command works: `outrigger demo` starts real sidecars,
+//! every narrated step passes, and it exits 0.
+
+use std::process::Command;
+
+#[test]
+fn demo_runs_every_step_and_exits_cleanly() {
+    let out = Command::new(outrigger_e2e::proxy::bin_path("outrigger"))
+        .arg("demo")
+        .output()
+        .expect("run outrigger demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("All 7 steps passed."), "{stdout}");
+    assert!(!stdout.contains("[FAIL]"), "{stdout}");
+}
