@@ -184,3 +184,25 @@ spec:
     );
     still_serving(mesh.outbound).await;
 }
+
+#[tokio::test]
+async fn http11_without_host_gets_400() {
+    let app = HttpUpstream::start("api").await;
+    let mesh = Pair::start(app.addr, "http", "").await;
+    let answer = raw_exchange(
+        mesh.outbound,
+        b"GET /status?code=200 HTTP/1.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "got {answer:?}");
+    assert!(answer.contains("Host"), "{answer}");
+    // HTTP/1.0 needs no Host.
+    let answer = raw_exchange(
+        mesh.outbound,
+        b"GET /status?code=200 HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.contains(" 200 "), "got {answer:?}");
+}

@@ -299,3 +299,35 @@ async fn round_robin_over_static_endpoints() {
     }
     assert_eq!((a.requests(), b.requests()), (5, 5));
 }
+
+#[tokio::test]
+async fn an_http10_upstream_is_answered_as_http11() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An app that only speaks HTTP/1.0 and closes after each response.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nold app")
+                    .await;
+            });
+        }
+    });
+    let mesh = Pair::start(app, "http", "").await;
+    let client = clients::http1();
+    for _ in 0..3 {
+        let rsp = client
+            .request(get(mesh.outbound, "/"))
+            .await
+            .expect("response");
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.version(), Version::HTTP_11);
+        assert_eq!(read_body(rsp).await.expect("body"), "old app");
+    }
+}

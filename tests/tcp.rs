@@ -69,3 +69,34 @@ spec:
         .ok();
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_open_tcp_streams() {
+    let echo = TcpEcho::start().await;
+    let mut mesh = Pair::start(echo.addr, "tcp", "").await;
+    let mut conn = TcpStream::connect(mesh.outbound).await.expect("connect");
+    conn.write_all(b"one").await.expect("write");
+    let mut buf = [0u8; 3];
+    conn.read_exact(&mut buf).await.expect("echo");
+
+    mesh.client.signal("TERM");
+    // New connections are refused once the listener closes...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(mesh.outbound).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "listener still open after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...but the open stream keeps working until the client ends it.
+    conn.write_all(b"two").await.expect("write after SIGTERM");
+    conn.read_exact(&mut buf).await.expect("echo after SIGTERM");
+    assert_eq!(&buf, b"two");
+    conn.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).await.expect("read to end");
+    assert_eq!(rest, b"bye");
+    let status = mesh.client.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+}

@@ -177,9 +177,12 @@ async fn start_inbound(
                 name.clone(),
                 metrics,
                 watch,
-                move |stream, peer, _drain| {
+                move |stream, peer, drain| {
                     let app = app.clone();
                     async move {
+                        // Holding the watch makes shutdown wait (up to the
+                        // drain deadline) for the stream to end on its own.
+                        let _drain = drain;
                         match transport.accept(stream, peer).await {
                             Ok(accepted) => inbound::forward_tcp(accepted.io, peer, app).await,
                             Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
@@ -259,8 +262,13 @@ async fn start_outbound(
                 name.clone(),
                 metrics,
                 watch,
-                move |stream, peer, _drain| {
-                    outbound::forward_tcp(stream, peer, destination.clone())
+                move |stream, peer, drain| {
+                    let destination = destination.clone();
+                    async move {
+                        // As inbound: shutdown waits for the stream to end.
+                        let _drain = drain;
+                        outbound::forward_tcp(stream, peer, destination).await
+                    }
                 },
             );
         }

@@ -89,7 +89,15 @@ where
         let sent = endpoint.send(req.map(body::boxed));
         Box::pin(async move {
             match sent.await {
-                Ok(rsp) => Ok(rsp.map(body::boxed)),
+                Ok(mut rsp) => {
+                    // We answer as an HTTP/1.1 server whatever version the
+                    // upstream spoke; echoing "HTTP/1.0" would make clients
+                    // drop their keep-alive connections.
+                    if rsp.version() == http::Version::HTTP_10 {
+                        *rsp.version_mut() = http::Version::HTTP_11;
+                    }
+                    Ok(rsp.map(body::boxed))
+                }
                 Err(SendError::Connect(reason)) => Err(ProxyError::Connect {
                     service: name.to_string(),
                     endpoint: addr.to_string(),

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -25,6 +25,7 @@ use tower::util::BoxCloneSyncService;
 use super::ClientAddr;
 use super::body::ProxyBody;
 use crate::drain;
+use crate::errors::error_response;
 use crate::transport::Accepted;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -93,8 +94,18 @@ async fn serve_inner<IO>(
 
     let client = ClientAddr(peer);
     let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(client);
-        service.clone().oneshot(req)
+        let svc = service.clone();
+        async move {
+            if let Some(reason) = malformed(&req) {
+                return Ok(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    reason.to_string(),
+                ));
+            }
+            req.extensions_mut().insert(client);
+            svc.oneshot(req).await
+        }
     });
     let io = TokioIo::new(io);
 
@@ -131,6 +142,17 @@ async fn serve_inner<IO>(
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection closed with an error");
     }
+}
+
+/// What hyper lets through but RFC 9112 says a server must refuse.
+fn malformed(req: &Request<Incoming>) -> Option<&'static str> {
+    if req.version() == http::Version::HTTP_11
+        && req.uri().authority().is_none()
+        && !req.headers().contains_key(http::header::HOST)
+    {
+        return Some("bad request: HTTP/1.1 requires a Host header");
+    }
+    None
 }
 
 /// Reads just enough to tell an HTTP/2 preface from anything else.
