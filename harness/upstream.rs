@@ -30,7 +30,8 @@ type Body = BoxBody<Bytes, BoxError>;
 /// Every response carries `x-upstream: <name>`.
 pub struct HttpUpstream {
     pub addr: SocketAddr,
-    requests: Arc<AtomicUsize>,
+    /// Requests seen so far; a watch so tests can wait for one to arrive.
+    requests: tokio::sync::watch::Sender<usize>,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -41,7 +42,7 @@ impl HttpUpstream {
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
-        let requests = Arc::new(AtomicUsize::new(0));
+        let requests = tokio::sync::watch::Sender::new(0usize);
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = requests.clone();
         let conns = connections.clone();
@@ -54,7 +55,7 @@ impl HttpUpstream {
                 let counter = counter.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        counter.fetch_add(1, Ordering::Relaxed);
+                        counter.send_modify(|n| *n += 1);
                         handle(name, req)
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
@@ -72,7 +73,16 @@ impl HttpUpstream {
     }
 
     pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::Relaxed)
+        *self.requests.borrow()
+    }
+
+    /// Waits (at most 10 s) until the app has seen at least `n` requests.
+    pub async fn wait_for_requests(&self, n: usize) {
+        let mut rx = self.requests.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|seen| *seen >= n))
+            .await
+            .unwrap_or_else(|_| panic!("the app never saw {n} request(s)"))
+            .expect("upstream alive");
     }
 
     /// Connections accepted so far (to check the proxy pools them).

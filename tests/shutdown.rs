@@ -27,12 +27,7 @@ async fn sigterm_lets_an_in_flight_request_finish() {
             (status, read_body(rsp).await.expect("body"))
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.requests() == 0 {
-        assert!(Instant::now() < deadline, "request never reached the app");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    app.wait_for_requests(1).await;
     mesh.client.signal("TERM");
     mesh.server.signal("TERM");
 
@@ -62,11 +57,7 @@ async fn drain_deadline_bounds_shutdown() {
                 .map(|r| r.status())
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.requests() == 0 {
-        assert!(Instant::now() < deadline, "request never reached the app");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    app.wait_for_requests(1).await;
     let start = Instant::now();
     mesh.client.signal("INT");
     let code = mesh.client.wait_exit(Duration::from_secs(10)).await;
@@ -95,11 +86,7 @@ async fn ready_turns_false_while_draining() {
                 .map(|r| r.status())
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.requests() == 0 {
-        assert!(Instant::now() < deadline, "request never reached the app");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    app.wait_for_requests(1).await;
     mesh.client.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -16,11 +16,11 @@ use crate::balance::RoundRobin;
 use crate::drain::{self, DrainOutcome};
 use crate::forward::Destination;
 use crate::http::client::ClientSettings;
-use crate::http::server::{self, ServerSettings};
+use crate::http::server::ServerSettings;
 use crate::metrics::ConnectionMetrics;
 use crate::state::{BoundListener, Direction, Loaded, ProxyState};
-use crate::tcp::ByteCounters;
-use crate::transport::{Plaintext, ServerTransport};
+use crate::tcp::{ByteCounters, TcpTarget};
+use crate::transport::Plaintext;
 use crate::{admin, inbound, listener, outbound};
 
 /// Everything needed to start a proxy (the CLI fills this in).
@@ -132,64 +132,39 @@ async fn start_inbound(
     let addr = tcp.local_addr()?;
     let metrics = ConnectionMetrics::new("inbound", &name);
     let workload_name: Arc<str> = Arc::from(workload.id.to_string());
-    let transport = Plaintext;
     match spec.protocol {
         Protocol::Http => {
+            let settings = ClientSettings {
+                max_header_bytes: options.server.max_header_bytes,
+                ..ClientSettings::default()
+            };
             let app = Arc::new(Destination::new(
                 workload_name,
                 Plaintext,
                 &[app_addr],
-                &ClientSettings {
-                    max_header_bytes: options.server.max_header_bytes,
-                    ..ClientSettings::default()
-                },
+                &settings,
             ));
             let stack = inbound::http_stack(app);
-            let settings = options.server.clone();
-            listener::spawn_accept_loop(
+            listener::serve_http(
                 tcp,
                 name.clone(),
                 metrics,
                 watch,
-                move |stream, peer, drain| {
-                    let stack = stack.clone();
-                    let settings = settings.clone();
-                    async move {
-                        match transport.accept(stream, peer).await {
-                            Ok(accepted) => server::serve(accepted, stack, settings, drain).await,
-                            Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
-                        }
-                    }
-                },
+                Plaintext,
+                stack,
+                options.server.clone(),
             );
         }
         Protocol::Tcp => {
-            let app = Arc::new(inbound::TcpApp {
+            let app = Arc::new(TcpTarget {
                 name: workload_name,
                 transport: Plaintext,
-                addr: app_addr,
+                endpoints: RoundRobin::new(vec![app_addr]),
                 connect_timeout: Timeouts::default().connect,
                 idle_timeout: spec.idle_timeout,
                 counters: ByteCounters::new("inbound", &name),
             });
-            listener::spawn_accept_loop(
-                tcp,
-                name.clone(),
-                metrics,
-                watch,
-                move |stream, peer, drain| {
-                    let app = app.clone();
-                    async move {
-                        // Holding the watch makes shutdown wait (up to the
-                        // drain deadline) for the stream to end on its own.
-                        let _drain = drain;
-                        match transport.accept(stream, peer).await {
-                            Ok(accepted) => inbound::forward_tcp(accepted.io, peer, app).await,
-                            Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
-                        }
-                    }
-                },
-            );
+            listener::serve_tcp(tcp, name.clone(), metrics, watch, Plaintext, app);
         }
     }
     tracing::info!(listener = %name, %addr, app = %app_addr, protocol = %spec.protocol, "listening");
@@ -215,7 +190,6 @@ async fn start_outbound(
     let addr = tcp.local_addr()?;
     let metrics = ConnectionMetrics::new("outbound", &name);
     let endpoints: Vec<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
-    let downstream = Plaintext;
     match service.protocol {
         Protocol::Http => {
             let settings = ClientSettings {
@@ -230,26 +204,18 @@ async fn start_outbound(
                 &settings,
             ));
             let stack = outbound::http_stack(destination, timeouts.request);
-            let server_settings = options.server.clone();
-            listener::spawn_accept_loop(
+            listener::serve_http(
                 tcp,
                 name.clone(),
                 metrics,
                 watch,
-                move |stream, peer, drain| {
-                    let stack = stack.clone();
-                    let settings = server_settings.clone();
-                    async move {
-                        match downstream.accept(stream, peer).await {
-                            Ok(accepted) => server::serve(accepted, stack, settings, drain).await,
-                            Err(e) => tracing::debug!(%peer, error = %e, "accept failed"),
-                        }
-                    }
-                },
+                Plaintext,
+                stack,
+                options.server.clone(),
             );
         }
         Protocol::Tcp => {
-            let destination = Arc::new(outbound::TcpDestination {
+            let destination = Arc::new(TcpTarget {
                 name: service_name,
                 transport: Plaintext,
                 endpoints: RoundRobin::new(endpoints),
@@ -257,20 +223,7 @@ async fn start_outbound(
                 idle_timeout: timeouts.idle,
                 counters: ByteCounters::new("outbound", &name),
             });
-            listener::spawn_accept_loop(
-                tcp,
-                name.clone(),
-                metrics,
-                watch,
-                move |stream, peer, drain| {
-                    let destination = destination.clone();
-                    async move {
-                        // As inbound: shutdown waits for the stream to end.
-                        let _drain = drain;
-                        outbound::forward_tcp(stream, peer, destination).await
-                    }
-                },
-            );
+            listener::serve_tcp(tcp, name.clone(), metrics, watch, Plaintext, destination);
         }
     }
     tracing::info!(listener = %name, %addr, service = %service.id, protocol = %service.protocol, "listening");

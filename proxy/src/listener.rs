@@ -10,8 +10,13 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use std::sync::Arc;
+
 use crate::drain;
+use crate::http::server::{self, HttpService, ServerSettings};
 use crate::metrics::ConnectionMetrics;
+use crate::tcp::{self, TcpTarget};
+use crate::transport::{ClientTransport, ServerTransport};
 
 /// Binds a listener. Errors name the address, since "address in use" alone
 /// does not say which of several ports clashed.
@@ -23,7 +28,7 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Accepts connections until the drain starts, running `handle` for each on
 /// its own task.
-pub fn spawn_accept_loop<H, F>(
+fn spawn_accept_loop<H, F>(
     listener: TcpListener,
     name: String,
     metrics: ConnectionMetrics,
@@ -67,6 +72,66 @@ pub fn spawn_accept_loop<H, F>(
         }
         tracing::debug!(listener = %name, "stopped accepting");
     });
+}
+
+/// Serves HTTP on every connection the listener accepts.
+pub fn serve_http<T: ServerTransport>(
+    listener: TcpListener,
+    name: String,
+    metrics: ConnectionMetrics,
+    drain: drain::Watch,
+    transport: T,
+    stack: HttpService,
+    settings: ServerSettings,
+) {
+    spawn_accept_loop(
+        listener,
+        name,
+        metrics,
+        drain,
+        move |stream, peer, drain| {
+            let transport = transport.clone();
+            let stack = stack.clone();
+            let settings = settings.clone();
+            async move {
+                match transport.accept(stream, peer).await {
+                    Ok(accepted) => server::serve(accepted, stack, settings, drain).await,
+                    Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
+                }
+            }
+        },
+    );
+}
+
+/// Carries every connection the listener accepts to `target` as opaque TCP.
+pub fn serve_tcp<S: ServerTransport, C: ClientTransport>(
+    listener: TcpListener,
+    name: String,
+    metrics: ConnectionMetrics,
+    drain: drain::Watch,
+    transport: S,
+    target: Arc<TcpTarget<C>>,
+) {
+    spawn_accept_loop(
+        listener,
+        name,
+        metrics,
+        drain,
+        move |stream, peer, drain| {
+            let transport = transport.clone();
+            let target = target.clone();
+            async move {
+                // Holding the watch makes shutdown wait (up to the drain
+                // deadline) for the stream to end on its own: a byte stream
+                // cannot be cut at a clean boundary the way HTTP can.
+                let _drain = drain;
+                match transport.accept(stream, peer).await {
+                    Ok(accepted) => tcp::proxy_connection(accepted.io, peer, target).await,
+                    Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
+                }
+            }
+        },
+    );
 }
 
 fn is_fatal(e: &io::Error) -> bool {

@@ -8,6 +8,7 @@
 //! direction for `idle_timeout` is closed.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,6 +17,9 @@ use tokio::time::Instant;
 
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::balance::RoundRobin;
+use crate::transport::ClientTransport;
 
 const BUFFER: usize = 16 * 1024;
 
@@ -50,6 +54,52 @@ impl ByteCounters {
         Self {
             sent: Counter::noop(),
             received: Counter::noop(),
+        }
+    }
+}
+
+/// Where a TCP listener sends its connections: the endpoints of a service
+/// (outbound), or the one local app address (inbound).
+#[derive(Debug)]
+pub struct TcpTarget<T> {
+    /// A service or workload name, for logs.
+    pub name: Arc<str>,
+    pub transport: T,
+    pub endpoints: RoundRobin<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub counters: ByteCounters,
+}
+
+/// Carries one accepted connection to the next endpoint of `target`. A
+/// failure to connect closes the downstream connection (TCP has no way to
+/// say why; the log does).
+pub async fn proxy_connection<T, D>(downstream: D, peer: SocketAddr, target: Arc<TcpTarget<T>>)
+where
+    T: ClientTransport,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(&endpoint) = target.endpoints.pick() else {
+        tracing::warn!(target = %target.name, %peer, "no endpoints for TCP connection; closing it");
+        return;
+    };
+    let upstream = match target
+        .transport
+        .connect(endpoint, target.connect_timeout)
+        .await
+    {
+        Ok(io) => io,
+        Err(error) => {
+            tracing::warn!(target = %target.name, %endpoint, %peer, %error, "cannot connect upstream; closing TCP connection");
+            return;
+        }
+    };
+    match forward(downstream, upstream, target.idle_timeout, &target.counters).await {
+        Ok(ended) => {
+            tracing::debug!(target = %target.name, %endpoint, ?ended, "TCP connection done")
+        }
+        Err(error) => {
+            tracing::debug!(target = %target.name, %endpoint, %error, "TCP connection failed")
         }
     }
 }

@@ -114,35 +114,37 @@ async fn serve_inner<IO>(
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-        let conn = builder.serve_connection(io, hyper_service);
-        let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => result,
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        drive_gracefully!(builder.serve_connection(io, hyper_service), drain)
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
             .max_header_size(settings.max_header_bytes);
-        let conn = builder.serve_connection(io, hyper_service);
-        let mut conn = std::pin::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => result,
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        drive_gracefully!(builder.serve_connection(io, hyper_service), drain)
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection closed with an error");
     }
 }
+
+/// Runs a hyper connection to completion, switching it to a graceful
+/// shutdown (finish in-flight requests, take no new ones) when the drain
+/// starts. A macro rather than a generic function: the generic version
+/// trips a rustc limitation proving the future `Send`.
+macro_rules! drive_gracefully {
+    ($conn:expr, $drain:expr) => {{
+        let mut conn = std::pin::pin!($conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            _ = $drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+use drive_gracefully;
 
 /// What hyper lets through but RFC 9112 says a server must refuse.
 fn malformed(req: &Request<Incoming>) -> Option<&'static str> {
