@@ -20,13 +20,25 @@ use outrigger_e2e::upstream::HttpUpstream;
 use outrigger_e2e::{Pair, ProxyBuilder};
 use tokio::net::TcpStream;
 
-const CONNECTIONS: usize = 8;
+/// Connections per run; `BENCH_CONNECTIONS` overrides.
+fn connections() -> usize {
+    std::env::var("BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
 const RUN: Duration = Duration::from_secs(3);
 const WARMUP: Duration = Duration::from_millis(500);
 const REPETITIONS: usize = 3;
 const MAX_REQUESTS_PER_CONN: usize = 2_000_000;
 /// The fixed-rate mode's total request rate (spread over the connections).
-const FIXED_RPS: u64 = 1_000;
+/// `BENCH_RPS` overrides.
+fn fixed_rps() -> u64 {
+    std::env::var("BENCH_RPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
+}
 
 struct RunResult {
     requests: usize,
@@ -64,7 +76,7 @@ async fn bench() {
     let app = Upstream { addr: app_addr };
     for (mode, rate) in [
         ("saturation (closed loop)", None),
-        ("fixed rate", Some(FIXED_RPS)),
+        ("fixed rate", Some(fixed_rps())),
     ] {
         println!(
             "== {mode}{}",
@@ -105,7 +117,10 @@ fn report(direct: &[RunResult], pair: &[RunResult]) {
         med(pair, RunResult::rps),
     );
     let cpu = med(pair, RunResult::cpu_ms_per_1000);
-    println!("median of {REPETITIONS}, {CONNECTIONS} connections, {RUN:?} per run:");
+    println!(
+        "median of {REPETITIONS}, {} connections, {RUN:?} per run:",
+        connections()
+    );
     println!("  direct       p50 {d50:8.1} µs  p99 {d99:8.1} µs  {drps:9.0} req/s");
     println!("  sidecar pair p50 {p50:8.1} µs  p99 {p99:8.1} µs  {prps:9.0} req/s");
     println!(
@@ -160,9 +175,9 @@ async fn load(addr: SocketAddr, pids: &[u32], rate: Option<u64>) -> RunResult {
 /// fixed schedule (rate / CONNECTIONS per second).
 async fn drive(addr: SocketAddr, run: Duration, rate: Option<u64>) -> Vec<Duration> {
     let deadline = Instant::now() + run;
-    let interval = rate.map(|r| Duration::from_secs_f64(CONNECTIONS as f64 / r as f64));
+    let interval = rate.map(|r| Duration::from_secs_f64(connections() as f64 / r as f64));
     let mut tasks = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for _ in 0..connections() {
         tasks.push(tokio::spawn(async move {
             let stream = TcpStream::connect(addr).await.expect("connect");
             stream.set_nodelay(true).expect("nodelay");
@@ -203,30 +218,16 @@ async fn drive(addr: SocketAddr, run: Duration, rate: Option<u64>) -> Vec<Durati
     all
 }
 
-/// utime + stime of a process, in seconds.
+/// CPU time a process has used, in seconds, from `/proc/<pid>/schedstat`
+/// (the scheduler's nanosecond run time; the tick-sampled utime/stime in
+/// `/proc/<pid>/stat` is biased when work is driven by timers, as it is at
+/// a fixed request rate).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at ')'.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after ')'.
-    (ticks(11) + ticks(12)) / clock_ticks_per_second()
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
         .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ns| ns / 1e9)
+        .unwrap_or(0.0)
 }
 
 struct Upstream {
