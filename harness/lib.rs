@@ -4,6 +4,7 @@
 //! Everything binds `127.0.0.1:0`; processes are killed when their handle
 //! drops, temp files go with their `TempDir`.
 
+pub mod bench;
 pub mod clients;
 pub mod grpc;
 pub mod mesh;

@@ -1,0 +1,30 @@
+//! The full side-by-side suite:
+//! `bash benches/install-peers.sh --with-oha && cargo build --release && cargo bench --bench suite`
+//! Writes `benches/results/latest.md` and `latest.json`. See docs/BENCHMARKS.md.
+
+use std::path::PathBuf;
+
+use outrigger_e2e::bench::{self, Options};
+
+fn main() {
+    bench::pin_self_to_cpu0();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    let upstream = PathBuf::from(env!("CARGO_BIN_EXE_outrigger-bench-upstream"));
+    let mut options = Options::full(upstream, out);
+    // `cargo bench --bench suite -- quick`: one repetition, short runs.
+    if std::env::args().any(|a| a == "quick") {
+        options.repetitions = 1;
+        for s in &mut options.scenarios {
+            s.load.duration = std::time::Duration::from_secs(2);
+        }
+    }
+    if let Err(e) = runtime.block_on(bench::run(&options)) {
+        eprintln!("benchmark failed: {e:#}");
+        std::process::exit(1);
+    }
+}

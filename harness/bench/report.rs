@@ -1,0 +1,278 @@
+//! The report: a Markdown page (`latest.md`) and the raw runs as JSON
+//! (`latest.json`). Medians over repetitions, every run listed, ratios
+//! against nginx and HAProxy from the same batch, latency added over the
+//! direct path.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::peers::PathKind;
+use super::{Memory, Results, Run};
+
+pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+pub fn run_line(run: &Run) -> String {
+    let o = &run.outcome;
+    let lat = o
+        .latency
+        .as_ref()
+        .map(|l| format!("p50 {:.0} µs p99 {:.0} µs", l.p50_us, l.p99_us))
+        .or_else(|| o.mean_us.map(|m| format!("mean {m:.0} µs")))
+        .unwrap_or_default();
+    format!(
+        "{:<9} rep {} {:>9.0} req/s  {lat:<26} proxy CPU {:6.1} ms/1k req  errors {}  other {:.2} cores{}",
+        run.path.name(),
+        run.repetition,
+        o.rps(),
+        run.proxy_cpu_ms_per_1k,
+        o.errors,
+        run.other_cores,
+        if run.noisy { "  NOISY" } else { "" }
+    )
+}
+
+pub fn memory_line(m: &Memory) -> String {
+    format!(
+        "idle {} KiB, after load {} KiB (peak {}), with 1,000 idle connections {} KiB, {} process(es)",
+        m.idle_rss_kib,
+        m.rss_after_load_kib,
+        m.hwm_after_load_kib,
+        m.rss_with_1000_idle_conns_kib,
+        m.processes
+    )
+}
+
+/// Hops a path's proxies make (CPU per hop = total / hops).
+fn hops(path: PathKind) -> f64 {
+    if path == PathKind::Direct { 1.0 } else { 2.0 }
+}
+
+struct Summary {
+    rps: f64,
+    cpu: f64,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    p999: Option<f64>,
+    mean: Option<f64>,
+    errors: u64,
+    noisy: usize,
+    runs: usize,
+}
+
+fn summarize(runs: &[&Run]) -> Summary {
+    let lat = |f: fn(&super::load::Latency) -> f64| {
+        median(
+            runs.iter()
+                .filter_map(|r| r.outcome.latency.as_ref().map(f)),
+        )
+    };
+    Summary {
+        rps: median(runs.iter().map(|r| r.outcome.rps())).unwrap_or(0.0),
+        cpu: median(runs.iter().map(|r| r.proxy_cpu_ms_per_1k)).unwrap_or(0.0),
+        p50: lat(|l| l.p50_us),
+        p99: lat(|l| l.p99_us),
+        p999: median(
+            runs.iter()
+                .filter_map(|r| r.outcome.latency.as_ref()?.p999_us),
+        ),
+        mean: median(runs.iter().filter_map(|r| r.outcome.mean_us)),
+        errors: runs.iter().map(|r| r.outcome.errors).sum(),
+        noisy: runs.iter().filter(|r| r.noisy).count(),
+        runs: runs.len(),
+    }
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.0}"))
+        .unwrap_or_else(|| "–".to_string())
+}
+
+fn plus_us(v: Option<f64>, base: Option<f64>) -> String {
+    match (v, base) {
+        (Some(v), Some(b)) => format!("{:+.0}", v - b),
+        _ => "–".to_string(),
+    }
+}
+
+fn ratio(a: f64, b: Option<f64>) -> String {
+    match b {
+        Some(b) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".to_string(),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM UTC` from Unix seconds (civil-from-days).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+pub fn markdown(results: &Results) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmark results\n");
+    let _ = writeln!(
+        md,
+        "Run {} on {}. Transport between the hops: {}. Reproduce with `bash benches/install-peers.sh --with-oha && cargo build --release && cargo bench --bench suite` (method: docs/BENCHMARKS.md).\n",
+        utc(results.started_unix),
+        results.machine,
+        results.transport
+    );
+    let _ = writeln!(
+        md,
+        "Medians over repetitions. **Proxy CPU** is the CPU time of every proxy process in the path (both hops) per 1,000 requests, from the scheduler's accounting; the ratio columns divide it by the nginx and HAProxy pairs' figure from the same batch (below 1× is better). **Added** latency is over the direct path in the same batch. Runs where other processes used more than 0.2 core are counted as noisy.\n"
+    );
+    for (kind, why) in &results.skipped {
+        let _ = writeln!(md, "- skipped **{}**: {why}", kind.name());
+    }
+    for note in &results.notes {
+        let _ = writeln!(md, "- note: {note}");
+    }
+    let mut scenarios: Vec<&str> = Vec::new();
+    for run in &results.runs {
+        if !scenarios.contains(&run.scenario.as_str()) {
+            scenarios.push(&run.scenario);
+        }
+    }
+    for scenario in scenarios {
+        let runs: Vec<&Run> = results
+            .runs
+            .iter()
+            .filter(|r| r.scenario == scenario)
+            .collect();
+        let tool = runs.first().map(|r| r.outcome.tool).unwrap_or("");
+        let rate = runs
+            .first()
+            .and_then(|r| r.rate)
+            .map(|r| format!(", {r} req/s asked"))
+            .unwrap_or_default();
+        let _ = writeln!(md, "\n## {scenario} ({tool}{rate})\n");
+        let _ = writeln!(
+            md,
+            "| path | req/s | proxy CPU ms/1k req (per hop) | vs nginx | vs HAProxy | p50 µs | p99 µs | p99.9 µs | mean µs | added p50 | added p99 | errors | noisy |"
+        );
+        let _ = writeln!(
+            md,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let by_path = |kind: PathKind| {
+            let rs: Vec<&Run> = runs.iter().copied().filter(|r| r.path == kind).collect();
+            (!rs.is_empty()).then(|| summarize(&rs))
+        };
+        let direct = by_path(PathKind::Direct);
+        let nginx_cpu = by_path(PathKind::Nginx).map(|s| s.cpu);
+        let haproxy_cpu = by_path(PathKind::Haproxy).map(|s| s.cpu);
+        for kind in PathKind::ALL {
+            let Some(s) = by_path(kind) else { continue };
+            let (cpu, vs_nginx, vs_haproxy) = if kind == PathKind::Direct {
+                ("–".to_string(), "–".to_string(), "–".to_string())
+            } else {
+                (
+                    format!("{:.1} ({:.1})", s.cpu, s.cpu / hops(kind)),
+                    ratio(s.cpu, nginx_cpu),
+                    ratio(s.cpu, haproxy_cpu),
+                )
+            };
+            let base = direct.as_ref();
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {cpu} | {vs_nginx} | {vs_haproxy} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+                kind.name(),
+                s.rps,
+                us(s.p50),
+                us(s.p99),
+                us(s.p999),
+                us(s.mean),
+                if kind == PathKind::Direct {
+                    "–".into()
+                } else {
+                    plus_us(s.p50, base.and_then(|d| d.p50))
+                },
+                if kind == PathKind::Direct {
+                    "–".into()
+                } else {
+                    plus_us(s.p99, base.and_then(|d| d.p99))
+                },
+                s.errors,
+                s.noisy,
+                s.runs,
+            );
+        }
+    }
+    if !results.memory.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Memory (KiB, summed over the path's proxy processes)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| path | processes | idle RSS | RSS after load | peak (HWM) | RSS with 1,000 idle connections |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+        for m in &results.memory {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                m.path.name(),
+                m.processes,
+                m.idle_rss_kib,
+                m.rss_after_load_kib,
+                m.hwm_after_load_kib,
+                m.rss_with_1000_idle_conns_kib
+            );
+        }
+    }
+    let _ = writeln!(md, "\n## Every run\n\n```");
+    for run in &results.runs {
+        let _ = writeln!(md, "{:<24} {}", run.scenario, run_line(run));
+    }
+    let _ = writeln!(md, "```");
+    md
+}
+
+pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("latest.md"), markdown(results))?;
+    std::fs::write(
+        dir.join("latest.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(1_796_400_000), "2026-12-04 16:00 UTC");
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), Some(2.0));
+        assert_eq!(median(std::iter::empty()), None);
+    }
+}

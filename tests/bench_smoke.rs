@@ -1,0 +1,39 @@
+//! The benchmark harness in smoke mode: every configuration present on this
+//! machine (direct and Outrigger always; nginx, HAProxy, pingora when
+//! installed) serves requests with no errors over HTTP/1.1, h2c and a fixed
+//! rate. Nothing about timing is asserted.
+
+use std::path::PathBuf;
+
+use outrigger_e2e::bench::peers::PathKind;
+use outrigger_e2e::bench::{self, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_configuration_serves_requests_without_errors() {
+    let upstream = PathBuf::from(env!("CARGO_BIN_EXE_outrigger-bench-upstream"));
+    let options = Options::smoke(upstream);
+    let results = bench::run(&options).await.expect("smoke run");
+    let ran: Vec<PathKind> = results.runs.iter().map(|r| r.path).collect();
+    assert!(ran.contains(&PathKind::Direct) && ran.contains(&PathKind::Outrigger));
+    for run in &results.runs {
+        assert!(
+            run.outcome.requests > 0,
+            "{} via {:?} served nothing",
+            run.scenario,
+            run.path
+        );
+        assert_eq!(
+            run.outcome.errors, 0,
+            "{} via {:?} had errors",
+            run.scenario, run.path
+        );
+    }
+    // Every present path ran every scenario.
+    let present = PathKind::ALL
+        .iter()
+        .filter(|k| k.available().is_ok())
+        .count();
+    assert_eq!(results.runs.len(), present * options.scenarios.len());
+    let md = bench::report::markdown(&results);
+    assert!(md.contains("## smoke h1 closed"));
+}
