@@ -25,7 +25,8 @@ type Body = BoxBody<Bytes, BoxError>;
 /// - `/echo`: the request body streamed back
 /// - `/slow?ms=N`: answers after N ms
 /// - `/status?code=N`: answers with status N
-/// - `/bytes?n=N`: N bytes of body, streamed in 64 KiB chunks
+/// - `/bytes?n=N`: N bytes of body (with a Content-Length up to 1 MiB,
+///   streamed in 64 KiB chunks above that)
 ///
 /// Every response carries `x-upstream: <name>`.
 pub struct HttpUpstream {
@@ -140,13 +141,19 @@ async fn handle(name: &'static str, req: Request<Incoming>) -> Result<Response<B
         }
         "/bytes" => {
             let n = query_param(&req, "n").unwrap_or(0) as usize;
-            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-            let chunks = (0..n.div_ceil(chunk.len())).map(move |i| {
-                let len = chunk.len().min(n - i * chunk.len());
-                Ok::<_, BoxError>(Frame::data(chunk.slice(..len)))
-            });
-            let stream = futures_util::stream::iter(chunks);
-            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+            if n <= 1024 * 1024 {
+                // Small: one body with a Content-Length, as most apps send.
+                Response::new(full(vec![b'x'; n]))
+            } else {
+                // Large: streamed in 64 KiB chunks (chunked encoding on HTTP/1.1).
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let chunks = (0..n.div_ceil(chunk.len())).map(move |i| {
+                    let len = chunk.len().min(n - i * chunk.len());
+                    Ok::<_, BoxError>(Frame::data(chunk.slice(..len)))
+                });
+                let stream = futures_util::stream::iter(chunks);
+                Response::new(BodyExt::boxed(StreamBody::new(stream)))
+            }
         }
         _ => {
             let mut rsp = Response::new(full("not found"));

@@ -412,9 +412,16 @@ fn parse_oha(text: &str) -> anyhow::Result<Outcome> {
     let all: u64 = codes
         .map(|m| m.values().filter_map(|n| n.as_u64()).sum())
         .unwrap_or(0);
+    // Requests still in flight when the run's time is up are aborted by oha
+    // itself ("aborted due to deadline"): not the server's fault.
     let transport_errors: u64 = v["errorDistribution"]
         .as_object()
-        .map(|m| m.values().filter_map(|n| n.as_u64()).sum())
+        .map(|m| {
+            m.iter()
+                .filter(|(what, _)| !what.contains("deadline"))
+                .filter_map(|(_, n)| n.as_u64())
+                .sum()
+        })
         .unwrap_or(0);
     let pct = |key: &str| v["latencyPercentiles"][key].as_f64().map(|s| s * 1e6);
     Ok(Outcome {

@@ -264,7 +264,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
         println!("== {} ({tool})", scenario.name);
         for rep in 0..options.repetitions {
             // Interleaved: A B C A B C, each proxy started fresh.
-            for &kind in &paths {
+            for &kind in paths.iter().filter(|k| k.supports(load.proto)) {
                 let run = measure(
                     kind,
                     scenario,

@@ -76,9 +76,16 @@ impl PathKind {
             PathKind::Nginx => Some(
                 "nginx proxies to upstreams over HTTP/1.1 only: h2c in, HTTP/1.1 between the hops",
             ),
-            PathKind::Pingora => Some("pingora-peer speaks HTTP/1.1 only"),
+            PathKind::Pingora => {
+                Some("pingora-peer accepts HTTP/1.1 only (no h2c): it sits out the h2c scenarios")
+            }
             _ => None,
         }
+    }
+
+    /// Whether the path accepts this protocol from the load tool.
+    pub fn supports(self, proto: Proto) -> bool {
+        !(self == PathKind::Pingora && proto == Proto::H2)
     }
 }
 

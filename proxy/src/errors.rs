@@ -36,6 +36,9 @@ pub enum ProxyError {
     /// The upstream did not answer within the request timeout.
     #[error("service {service} timed out after {timeout:?} waiting for a response")]
     Timeout { service: String, timeout: Duration },
+    /// The client's request body failed before it could be forwarded.
+    #[error("request body could not be read: {reason}")]
+    ClientBody { reason: String },
     /// The connection to the upstream failed mid-request.
     #[error("service {service} failed: {reason}")]
     Upstream { service: String, reason: String },
@@ -46,6 +49,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -55,6 +59,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::NoEndpoints { .. } => "no-endpoints",
+            ProxyError::ClientBody { .. } => "bad-request-body",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Upstream { .. } => "upstream-reset",
         }

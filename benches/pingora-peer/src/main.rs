@@ -5,7 +5,6 @@
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{IntoRawFd, RawFd};
 use std::process::exit;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::Result;
@@ -59,7 +58,9 @@ impl<S: Service> Service for PreBound<S> {
         if let Some(fds) = &fds {
             fds.lock().add(self.addr.clone(), self.fd);
         }
-        self.inner.start_service(fds, shutdown, listeners_per_fd).await
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
     }
     fn name(&self) -> &str {
         self.inner.name()
@@ -140,8 +141,10 @@ fn main() {
     server.bootstrap();
 
     let mut proxy = http_proxy_service(
-        &Arc::new(server.configuration.as_ref().clone()),
-        Forward { upstream: args.upstream },
+        &server.configuration,
+        Forward {
+            upstream: args.upstream,
+        },
     );
     proxy.add_tcp(&addr.to_string());
     server.add_service(PreBound {

@@ -28,3 +28,42 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// Reads a body of known length up to `limit` bytes into memory (keeping
+/// any trailers); anything else is boxed and streamed as it comes.
+pub async fn buffer_if_small<B>(body: B, limit: u64) -> Result<ProxyBody, BoxError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match body.size_hint().exact() {
+        Some(len) if len > 0 && len <= limit => {
+            let collected = body.collect().await.map_err(Into::into)?;
+            Ok(collected.map_err(|e| match e {}).boxed_unsync())
+        }
+        _ => Ok(boxed(body)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+
+    #[tokio::test]
+    async fn small_known_bodies_are_buffered_whole() {
+        let body = buffer_if_small(Full::new(Bytes::from_static(b"hello")), 16)
+            .await
+            .expect("buffer");
+        assert_eq!(body.size_hint().exact(), Some(5));
+        let data = body.collect().await.expect("collect").to_bytes();
+        assert_eq!(data, "hello");
+    }
+
+    #[tokio::test]
+    async fn large_bodies_stream() {
+        let big = Full::new(Bytes::from(vec![0u8; 64]));
+        let body = buffer_if_small(big, 16).await.expect("box");
+        assert_eq!(body.size_hint().exact(), Some(64));
+    }
+}

@@ -163,7 +163,10 @@ async fn sniff<IO>(mut io: IO) -> io::Result<Option<(http::Version, Rewind<IO>)>
 where
     IO: AsyncRead + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    // Read whatever the client sent (usually the whole first request), not
+    // just the 24 preface bytes: it is replayed to hyper either way, and a
+    // short read here would cost an extra syscall.
+    let mut buf = BytesMut::with_capacity(8 * 1024);
     loop {
         let n = io.read_buf(&mut buf).await?;
         if n == 0 {
