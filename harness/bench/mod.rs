@@ -333,9 +333,13 @@ async fn measure(
     if !options.warmup.is_zero() {
         load::run("builtin", path.entry, &warm, options.pin, scratch).await?;
     }
+    // Noise: when pinned, whatever ran on CPU 1 besides the path's proxies
+    // and the upstream; unpinned, whatever ran anywhere besides everything
+    // we know about.
+    let noise_cpu = if options.pin { Some(1) } else { None };
     let proxies_before = sys::cpu_time_of(&path.proxy_pids);
     let ours_before = sys::cpu_time(std::process::id());
-    let busy_before = sys::machine_busy();
+    let busy_before = sys::busy(noise_cpu);
     let upstream_before = sys::cpu_time_of(&upstream_pid);
     let start = Instant::now();
     let outcome = load::run(tool, path.entry, load, options.pin, scratch).await?;
@@ -343,8 +347,12 @@ async fn measure(
     let proxies = sys::cpu_time_of(&path.proxy_pids).saturating_sub(proxies_before);
     let ours = sys::cpu_time(std::process::id()).saturating_sub(ours_before);
     let upstream_cpu = sys::cpu_time_of(&upstream_pid).saturating_sub(upstream_before);
-    let busy = sys::machine_busy().saturating_sub(busy_before);
-    let known = proxies + ours + upstream_cpu + outcome.tool_cpu;
+    let busy = sys::busy(noise_cpu).saturating_sub(busy_before);
+    let known = if options.pin {
+        proxies + upstream_cpu
+    } else {
+        proxies + ours + upstream_cpu + outcome.tool_cpu
+    };
     let other_cores = busy.saturating_sub(known).as_secs_f64() / elapsed.as_secs_f64();
     let requests = outcome.requests.max(1) as f64;
     Ok(Run {
