@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the benchmark peers and load tools from Debian's packages (and
-# oha from crates.io with --with-oha). Safe to run again: it only installs
-# what is missing. Needs root (or sudo) for apt.
+# Installs the benchmark peers and load tools from Debian's packages.
+#   --with-oha      also oha (cargo install; a few minutes)
+#   --with-pingora  also build the pingora peer (needs cmake; ~8 minutes)
+# Safe to run again: it only installs what is missing. Needs root (or sudo)
+# for apt.
 set -euo pipefail
 
 need=()
@@ -9,6 +11,7 @@ command -v nginx >/dev/null || need+=(nginx-light)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v wrk >/dev/null || need+=(wrk)
 command -v h2load >/dev/null || need+=(nghttp2-client)
+case " $* " in *" --with-pingora "*) command -v cmake >/dev/null || need+=(cmake) ;; esac
 
 if ((${#need[@]})); then
     sudo=""
@@ -22,8 +25,14 @@ if ((${#need[@]})); then
     done
 fi
 
-if [ "${1:-}" = "--with-oha" ] && ! command -v oha >/dev/null; then
-    echo "installing oha (cargo install, a few minutes)"
-    cargo install --locked oha
-fi
+case " $* " in *" --with-oha "*)
+    if ! command -v oha >/dev/null; then
+        echo "installing oha (cargo install, a few minutes)"
+        cargo install --locked oha
+    fi ;;
+esac
+case " $* " in *" --with-pingora "*)
+    echo "building the pingora peer"
+    cargo build --release --manifest-path "$(dirname "$0")/pingora-peer/Cargo.toml" ;;
+esac
 echo "peers ready: $(for t in nginx haproxy wrk h2load oha; do command -v $t >/dev/null && printf '%s ' $t; done)"

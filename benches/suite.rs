@@ -1,5 +1,5 @@
 //! The full side-by-side suite:
-//! `bash benches/install-peers.sh --with-oha && cargo build --release && cargo bench --bench suite`
+//! `bash benches/install-peers.sh --with-oha --with-pingora && cargo build --release && cargo bench --bench suite`
 //! Writes `benches/results/latest.md` and `latest.json`. See docs/BENCHMARKS.md.
 
 use std::path::PathBuf;

@@ -58,6 +58,7 @@ struct Summary {
     rps: f64,
     cpu: f64,
     p50: Option<f64>,
+    p90: Option<f64>,
     p99: Option<f64>,
     p999: Option<f64>,
     mean: Option<f64>,
@@ -77,6 +78,7 @@ fn summarize(runs: &[&Run]) -> Summary {
         rps: median(runs.iter().map(|r| r.outcome.rps())).unwrap_or(0.0),
         cpu: median(runs.iter().map(|r| r.proxy_cpu_ms_per_1k)).unwrap_or(0.0),
         p50: lat(|l| l.p50_us),
+        p90: lat(|l| l.p90_us),
         p99: lat(|l| l.p99_us),
         p999: median(
             runs.iter()
@@ -98,6 +100,14 @@ fn plus_us(v: Option<f64>, base: Option<f64>) -> String {
     match (v, base) {
         (Some(v), Some(b)) => format!("{:+.0}", v - b),
         _ => "–".to_string(),
+    }
+}
+
+fn added(kind: PathKind, v: Option<f64>, base: Option<f64>) -> String {
+    if kind == PathKind::Direct {
+        "–".to_string()
+    } else {
+        plus_us(v, base)
     }
 }
 
@@ -133,7 +143,7 @@ pub fn markdown(results: &Results) -> String {
     let _ = writeln!(md, "# Benchmark results\n");
     let _ = writeln!(
         md,
-        "Run {} on {}. Transport between the hops: {}. Reproduce with `bash benches/install-peers.sh --with-oha && cargo build --release && cargo bench --bench suite` (method: docs/BENCHMARKS.md).\n",
+        "Run {} on {}. Transport between the hops: {}. Reproduce with `bash benches/install-peers.sh --with-oha --with-pingora && cargo build --release && cargo bench --bench suite` (method: docs/BENCHMARKS.md).\n",
         utc(results.started_unix),
         results.machine,
         results.transport
@@ -169,11 +179,11 @@ pub fn markdown(results: &Results) -> String {
         let _ = writeln!(md, "\n## {scenario} ({tool}{rate})\n");
         let _ = writeln!(
             md,
-            "| path | req/s | proxy CPU ms/1k req (per hop) | vs nginx | vs HAProxy | p50 µs | p99 µs | p99.9 µs | mean µs | added p50 | added p99 | errors | noisy |"
+            "| path | req/s | proxy CPU ms/1k req (per hop) | vs nginx | vs HAProxy | p50 µs | p90 µs | p99 µs | p99.9 µs | mean µs | added p50 | added p90 | added p99 | added p99.9 | errors | noisy |"
         );
         let _ = writeln!(
             md,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let by_path = |kind: PathKind| {
             let rs: Vec<&Run> = runs.iter().copied().filter(|r| r.path == kind).collect();
@@ -196,23 +206,18 @@ pub fn markdown(results: &Results) -> String {
             let base = direct.as_ref();
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {cpu} | {vs_nginx} | {vs_haproxy} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+                "| {} | {:.0} | {cpu} | {vs_nginx} | {vs_haproxy} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
                 kind.name(),
                 s.rps,
                 us(s.p50),
+                us(s.p90),
                 us(s.p99),
                 us(s.p999),
                 us(s.mean),
-                if kind == PathKind::Direct {
-                    "–".into()
-                } else {
-                    plus_us(s.p50, base.and_then(|d| d.p50))
-                },
-                if kind == PathKind::Direct {
-                    "–".into()
-                } else {
-                    plus_us(s.p99, base.and_then(|d| d.p99))
-                },
+                added(kind, s.p50, base.and_then(|d| d.p50)),
+                added(kind, s.p90, base.and_then(|d| d.p90)),
+                added(kind, s.p99, base.and_then(|d| d.p99)),
+                added(kind, s.p999, base.and_then(|d| d.p999)),
                 s.errors,
                 s.noisy,
                 s.runs,
