@@ -245,6 +245,27 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
         }
     }
 
+    if !options.builtin_only {
+        for (tool, install) in [
+            ("wrk", "bash benches/install-peers.sh (apt-get install wrk)"),
+            (
+                "h2load",
+                "bash benches/install-peers.sh (apt-get install nghttp2-client)",
+            ),
+            (
+                "oha",
+                "bash benches/install-peers.sh --with-oha (cargo install oha)",
+            ),
+        ] {
+            if !sys::have(tool) {
+                let line = format!(
+                    "{tool} missing: the built-in client stands in for it; install with: {install}"
+                );
+                println!("{line}");
+                results.notes.push(line);
+            }
+        }
+    }
     let mut outrigger_max_rps: Option<f64> = None;
     for scenario in &options.scenarios {
         let mut load = scenario.load;
