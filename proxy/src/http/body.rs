@@ -39,7 +39,13 @@ where
     match body.size_hint().exact() {
         Some(len) if len > 0 && len <= limit => {
             let collected = body.collect().await.map_err(Into::into)?;
-            Ok(collected.map_err(|e| match e {}).boxed_unsync())
+            if collected.trailers().is_some() {
+                Ok(collected.map_err(|e| match e {}).boxed_unsync())
+            } else {
+                // `Full` keeps the exact length, so the next hop is sent a
+                // Content-Length body rather than a chunked one.
+                Ok(full(collected.to_bytes()))
+            }
         }
         _ => Ok(boxed(body)),
     }
