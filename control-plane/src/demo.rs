@@ -105,7 +105,10 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         "  web sidecar    outbound {to_api} → service shop/api, {to_billing} → service shop/billing (admin {})",
         web.admin
     );
-    println!("\n  configuration: {}\n", web_yaml.display());
+    println!(
+        "\n  configuration and sidecar logs: {} (kept only with --dir)\n",
+        dir.display()
+    );
 
     let h1: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
