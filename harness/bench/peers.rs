@@ -112,9 +112,24 @@ pub struct RunningPath {
 
 impl Drop for RunningPath {
     fn drop(&mut self) {
+        // Processes we did not spawn ourselves (nginx's workers) outlive a
+        // killed master. Note them first, kill the masters (a live master
+        // would respawn a killed worker), then the rest, by pid.
+        let spawned: Vec<u32> = self.children.iter().map(|c| c.id()).collect();
+        let mut others: Vec<u32> = spawned.iter().flat_map(|p| sys::children(*p)).collect();
+        others.extend(self.proxy_pids.iter().filter(|p| !spawned.contains(p)));
+        others.sort_unstable();
+        others.dedup();
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if !others.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(others.iter().map(|p| p.to_string()))
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -197,11 +212,18 @@ pub async fn start(
                 wait_listening(listen, &hop_dir.join("error.log")).await?;
             }
             path.entry = outbound;
-            // The masters plus their workers.
+            // The masters plus their workers (a master may still be forking
+            // its worker when the port already accepts connections).
             let masters: Vec<u32> = path.children.iter().map(|c| c.id()).collect();
             for m in masters {
                 path.proxy_pids.push(m);
-                path.proxy_pids.extend(sys::children(m));
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let mut workers = sys::children(m);
+                while workers.is_empty() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    workers = sys::children(m);
+                }
+                path.proxy_pids.extend(workers);
             }
         }
         PathKind::Haproxy => {
