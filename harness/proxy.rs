@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -169,10 +169,6 @@ impl Proxy {
             .expect("listener addr")
     }
 
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("mesh.yaml")
-    }
-
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
@@ -231,16 +227,6 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-
-    /// The value of one Prometheus sample (exact label set as rendered), or 0.
-    pub async fn metric(&self, name_and_labels: &str) -> f64 {
-        let (_, body) = self.admin_get("/metrics").await;
-        metric_value(&body, name_and_labels)
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
 }
 
 /// Sums the samples whose series name starts with `name` and carries every
@@ -260,13 +246,6 @@ pub fn metric_sum(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn metric_value(body: &str, name_and_labels: &str) -> f64 {
-    body.lines()
-        .find(|l| l.starts_with(name_and_labels))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 impl Drop for Proxy {

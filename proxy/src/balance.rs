@@ -32,10 +32,6 @@ impl<E> RoundRobin<E> {
             }
         }
     }
-
-    pub fn endpoints(&self) -> &[E] {
-        &self.endpoints
-    }
 }
 
 #[cfg(test)]

@@ -50,17 +50,6 @@ impl Drain {
             },
         }
     }
-
-    pub fn is_draining(&self) -> bool {
-        *self.tx.borrow()
-    }
-
-    /// Another watch on this drain (for components started later).
-    pub fn watch(&self) -> Watch {
-        Watch {
-            rx: self.tx.subscribe(),
-        }
-    }
 }
 
 // === impl Watch ===

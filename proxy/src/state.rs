@@ -31,15 +31,6 @@ pub enum Direction {
     Outbound,
 }
 
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
-
 /// A configuration as loaded, with where it came from.
 #[derive(Debug)]
 pub struct Loaded {
