@@ -196,20 +196,14 @@ pub async fn start(
                 )?;
                 let conf_path = hop_dir.join("nginx.conf");
                 std::fs::write(&conf_path, conf)?;
-                let child = pinned(pin, "nginx")
-                    .arg("-c")
+                let mut cmd = pinned(pin, "nginx");
+                cmd.arg("-c")
                     .arg(&conf_path)
                     .arg("-p")
                     .arg(&hop_dir)
                     .arg("-e")
-                    .arg(hop_dir.join("error.log"))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .context("start nginx")?;
-                path.children.push(child);
-                wait_listening(listen, &hop_dir.join("error.log")).await?;
+                    .arg(hop_dir.join("error.log"));
+                start_hop(&mut path, cmd, &hop_dir.join("stderr.log"), listen).await?;
             }
             path.entry = outbound;
             // The masters plus their workers (a master may still be forking
@@ -249,19 +243,10 @@ pub async fn start(
                 )?;
                 let conf_path = hop_dir.join("haproxy.cfg");
                 std::fs::write(&conf_path, conf)?;
-                let log = std::fs::File::create(hop_dir.join("haproxy.log"))?;
-                let child = pinned(pin, "haproxy")
-                    .arg("-db")
-                    .arg("-f")
-                    .arg(&conf_path)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::from(log))
-                    .spawn()
-                    .context("start haproxy")?;
-                path.proxy_pids.push(child.id());
-                path.children.push(child);
-                wait_listening(listen, &hop_dir.join("haproxy.log")).await?;
+                let mut cmd = pinned(pin, "haproxy");
+                cmd.arg("-db").arg("-f").arg(&conf_path);
+                let pid = start_hop(&mut path, cmd, &hop_dir.join("haproxy.log"), listen).await?;
+                path.proxy_pids.push(pid);
             }
             path.entry = outbound;
         }
@@ -270,24 +255,17 @@ pub async fn start(
             let outbound = free_addr();
             for (listen, next) in [(inbound, upstream), (outbound, inbound)] {
                 let log_path = dir.path().join(format!("pingora-{}.log", listen.port()));
-                let log = std::fs::File::create(&log_path)?;
-                let child = pinned(pin, &pingora_binary().display().to_string())
-                    .args([
-                        "--listen",
-                        &listen.to_string(),
-                        "--upstream",
-                        &next.to_string(),
-                        "--threads",
-                        "1",
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::from(log))
-                    .spawn()
-                    .context("start pingora-peer")?;
-                path.proxy_pids.push(child.id());
-                path.children.push(child);
-                wait_listening(listen, &log_path).await?;
+                let mut cmd = pinned(pin, &pingora_binary().display().to_string());
+                cmd.args([
+                    "--listen",
+                    &listen.to_string(),
+                    "--upstream",
+                    &next.to_string(),
+                    "--threads",
+                    "1",
+                ]);
+                let pid = start_hop(&mut path, cmd, &log_path, listen).await?;
+                path.proxy_pids.push(pid);
             }
             path.entry = outbound;
         }
@@ -309,6 +287,26 @@ fn fill(template: &str, values: &[(&str, String)]) -> anyhow::Result<String> {
         text = text.replace(&format!("{{{{{key}}}}}"), value);
     }
     Ok(text)
+}
+
+/// Starts one hop of a peer pair with its stderr in `log`, keeps it for
+/// cleanup, and waits until it listens. Returns its pid.
+async fn start_hop(
+    path: &mut RunningPath,
+    mut cmd: Command,
+    log: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<u32> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log)?))
+        .spawn()
+        .with_context(|| format!("start {:?}", cmd.get_program()))?;
+    let pid = child.id();
+    path.children.push(child);
+    wait_listening(listen, log).await?;
+    Ok(pid)
 }
 
 /// Waits (bounded) until a peer accepts connections on `addr`.

@@ -117,7 +117,9 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let last_activity = Arc::new(AtomicU64::new(0));
+    // Both directions and the idle watch run in this one future, so a
+    // plain atomic on the stack is enough to share the last activity.
+    let last_activity = AtomicU64::new(0);
     let (mut down_read, mut down_write) = tokio::io::split(downstream);
     let (mut up_read, mut up_write) = tokio::io::split(upstream);
 
