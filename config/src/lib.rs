@@ -39,5 +39,15 @@ mod validate;
 
 pub use duration::parse_duration;
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{load_file, load_str, to_yaml};
+pub use load::{KINDS, SourceDocument, load_file, load_str, split_documents, to_yaml};
+
+/// The gRPC API between sidecars and the control plane (`proto/`).
+pub mod proto {
+    /// Policy discovery: the snapshot stream with ACK/NACK.
+    // Generated code: its style is tonic's, not ours.
+    #[allow(clippy::all, unused_qualifications)]
+    pub mod discovery {
+        tonic::include_proto!("outrigger.discovery.v1");
+    }
+}
 pub use model::*;

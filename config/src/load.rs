@@ -122,6 +122,66 @@ pub fn load_str(source_name: &str, yaml: &str) -> Result<MeshConfig, ConfigError
     }
 }
 
+/// One document of a YAML stream, checked (header, spec shape, no
+/// duplicates in the stream) and written back as YAML: what the control
+/// plane stores per resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDocument {
+    /// 1-based position in the stream.
+    pub index: usize,
+    /// `Mesh`, `Workload`, `Service`, `TrafficPolicy` or `AuthorizationPolicy`.
+    pub kind: &'static str,
+    /// For the Mesh, the namespace is empty.
+    pub id: ResourceRef,
+    /// The document as YAML: keys and values as written, comments dropped.
+    pub yaml: String,
+}
+
+/// The resource kinds, in the order [`to_yaml`] writes them.
+pub const KINDS: [&str; 5] = [
+    "Mesh",
+    "Service",
+    "Workload",
+    "TrafficPolicy",
+    "AuthorizationPolicy",
+];
+
+/// Splits a multi-document stream into checked documents without checking
+/// references between them (they may point at resources stored elsewhere;
+/// [`load_str`] over the whole set checks those).
+pub fn split_documents(source_name: &str, yaml: &str) -> Result<Vec<SourceDocument>, ConfigErrors> {
+    let mut errors = Vec::new();
+    let documents = parse_documents(source_name, yaml, &mut errors)
+        .map_err(|syntax_error| ConfigErrors(vec![syntax_error]))?;
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.document);
+        return Err(ConfigErrors(errors));
+    }
+    // The stream parsed once already, so it parses again; written back
+    // from the parsed value so that comments and layout do not count as
+    // changes.
+    let values: Vec<Value> = serde_norway::Deserializer::from_str(yaml)
+        .map(Value::deserialize)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ConfigError::new(source_name, format!("invalid YAML: {e}")))?;
+    let mut out = Vec::with_capacity(documents.len());
+    for document in documents {
+        let value = values.get(document.index - 1).unwrap_or(&Value::Null);
+        let yaml = serde_norway::to_string(value).map_err(|e| ConfigError {
+            document: Some(document.index),
+            resource: Some(document.resource()),
+            ..ConfigError::new(source_name, format!("cannot write the document back: {e}"))
+        })?;
+        out.push(SourceDocument {
+            index: document.index,
+            kind: document.kind.as_str(),
+            id: document.id,
+            yaml,
+        });
+    }
+    Ok(out)
+}
+
 /// Splits the stream and parses each document, pushing per-document errors
 /// to `errors`. A YAML syntax error ends the stream and is returned.
 fn parse_documents(

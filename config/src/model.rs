@@ -154,6 +154,10 @@ pub struct InboundListener {
     /// Idle timeout for opaque TCP connections (default 1h).
     #[serde(serialize_with = "serialize_duration")]
     pub idle_timeout: Duration,
+    /// The Service this listener serves (same namespace, same protocol).
+    /// A control plane adds the sidecar's address for this listener to
+    /// that Service's endpoints while the sidecar is connected.
+    pub service: Option<ResourceRef>,
 }
 
 /// A local port the app connects to in order to reach `service`.

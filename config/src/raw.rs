@@ -132,6 +132,10 @@ pub struct RawInbound {
     pub app_port: Option<i64>,
     pub protocol: Option<RawProtocol>,
     pub idle_timeout: Option<RawDuration>,
+    /// The Service (in the workload's namespace) this listener serves; with
+    /// a control plane, the sidecar's address becomes one of its endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -352,6 +356,7 @@ impl From<&Workload> for RawWorkloadSpec {
             app_port: Some(listener.app_port.into()),
             protocol: Some(raw_protocol(listener.protocol)),
             idle_timeout: Some(duration(listener.idle_timeout)),
+            service: listener.service.as_ref().map(|s| s.name.clone()),
         });
         let outbound = workload.outbound.iter().map(|listener| RawOutbound {
             port: Some(listener.port.into()),

@@ -231,6 +231,7 @@ pub(crate) fn validate(
         }
     }
 
+    check_served_protocols(source, documents, &config, errors);
     config.workloads.sort_by(|a, b| a.id.cmp(&b.id));
     config.services.sort_by(|a, b| a.id.cmp(&b.id));
     config.traffic_policies.sort_by(|a, b| a.id.cmp(&b.id));
@@ -238,6 +239,47 @@ pub(crate) fn validate(
         .authorization_policies
         .sort_by(|a, b| a.id.cmp(&b.id));
     config
+}
+
+/// An inbound listener serves its Service's clients, so it must speak the
+/// Service's protocol. Checked once every Service is known.
+fn check_served_protocols(
+    source: &str,
+    documents: &[Document],
+    config: &MeshConfig,
+    errors: &mut Vec<ConfigError>,
+) {
+    for workload in &config.workloads {
+        let Some(document) = documents
+            .iter()
+            .find(|d| d.kind == Kind::Workload && d.id == workload.id)
+        else {
+            continue;
+        };
+        let mut ctx = Ctx {
+            source,
+            document: document.index,
+            resource: Some(document.resource()),
+            errors,
+        };
+        for (i, listener) in workload.inbound.iter().enumerate() {
+            let Some(served) = &listener.service else {
+                continue;
+            };
+            let Some(service) = config.services.iter().find(|s| &s.id == served) else {
+                continue;
+            };
+            if service.protocol != listener.protocol {
+                ctx.err(
+                    &format!("spec.inbound[{i}].service"),
+                    format!(
+                        "Service {served} speaks {}, but this listener's protocol is {}",
+                        service.protocol, listener.protocol
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn validate_mesh(ctx: &mut Ctx<'_>, name: &str, spec: &RawMeshSpec) -> MeshSettings {
@@ -341,7 +383,14 @@ fn validate_workload(
                 names.insert(name.clone(), i);
             }
         }
+        let service = raw.service.as_ref().and_then(|name| {
+            let field = format!("{field}.service");
+            let service = ResourceRef::new(id.namespace.clone(), ctx.label(&field, name)?);
+            known.check(ctx, &field, Kind::Service, &service);
+            Some(service)
+        });
         inbound.push(InboundListener {
+            service,
             name: name.unwrap_or_default(),
             port,
             app_port: ctx.int(&format!("{field}.appPort"), raw.app_port, None, 1..=65535),

@@ -634,3 +634,27 @@ fn a_broken_mesh_does_not_cascade_into_identity_errors() {
     .join("---\n");
     assert_error(&yaml, "spec.trustDomain", "not a trust domain");
 }
+
+#[test]
+fn split_documents_checks_each_document_but_not_references() {
+    let yaml = "# a comment\n\
+        apiVersion: outrigger.io/v1alpha1\nkind: Workload\nmetadata: {name: web, namespace: shop}\n\
+        spec: {inbound: [{port: 1, appPort: 2, service: not-here}]}\n\
+        ---\n\
+        apiVersion: outrigger.io/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {}\n";
+    let docs = split_documents("in.yaml", yaml).unwrap();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(docs[0].kind, "Workload");
+    assert_eq!(docs[0].id, ResourceRef::new("shop", "web"));
+    assert_eq!(docs[1].id, ResourceRef::new("", "mesh"));
+    assert!(!docs[0].yaml.contains("comment"));
+    assert!(docs[0].yaml.contains("not-here"));
+
+    let bad = "apiVersion: outrigger.io/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {bogus: 1}\n";
+    let errors = split_documents("in.yaml", bad)
+        .unwrap_err()
+        .into_vec();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].field.as_deref(), Some("spec.bogus"));
+    assert!(errors[0].reason.contains("bogus"), "{}", errors[0].reason);
+}

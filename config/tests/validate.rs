@@ -1056,3 +1056,25 @@ fn all_errors_in_one_rule_are_reported() {
         lines(&errors)
     );
 }
+
+#[test]
+fn inbound_listener_serves_a_service() {
+    let config = ok(&with_base(&[doc(
+        "Workload",
+        "subject",
+        "{inbound: [{port: 0, appPort: 8080, service: api}]}",
+    )]));
+    let w = config.workload(None, "subject").unwrap();
+    assert_eq!(w.inbound[0].service, Some(ResourceRef::new("shop", "api")));
+
+    workload_error(
+        "{inbound: [{port: 0, appPort: 8080, service: nope}]}",
+        "spec.inbound[0].service",
+        "no Service shop/nope",
+    );
+    workload_error(
+        "{inbound: [{port: 0, appPort: 8080, protocol: tcp, service: api}]}",
+        "spec.inbound[0].service",
+        "Service shop/api speaks http, but this listener's protocol is tcp",
+    );
+}
