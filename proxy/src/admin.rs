@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-use crate::state::ProxyState;
+use crate::state::{Applied, ProxyState};
 
 /// Binds the admin listener and serves it until the process exits. The
 /// admin server keeps answering during a drain (`/ready` says 503 then).
@@ -87,6 +87,11 @@ fn route(
                 text(StatusCode::OK, "ready\n")
             } else if state.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if state.loaded().is_none() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no configuration yet\n",
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n")
             }
@@ -118,7 +123,24 @@ fn route(
 /// The policy this proxy runs: its workload, and the services, traffic
 /// policies and authorization policies that concern it.
 pub fn config_json(state: &ProxyState) -> String {
-    let loaded = state.loaded();
+    let doc = match state.applied() {
+        Some(applied) => applied_json(&applied, state.is_draining()),
+        None => json!({
+            "version": null,
+            "status": "no configuration yet",
+            "listeners": [],
+            "notEnforced": [],
+            "draining": state.is_draining(),
+        }),
+    };
+    let mut out =
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    out.push('\n');
+    out
+}
+
+fn applied_json(applied: &Applied, draining: bool) -> serde_json::Value {
+    let loaded = &applied.loaded;
     let config = &loaded.config;
     let workload = config.workloads.iter().find(|w| w.id == loaded.workload);
     let services: Vec<_> = workload
@@ -141,7 +163,7 @@ pub fn config_json(state: &ProxyState) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let doc = json!({
+    json!({
         "version": loaded.version,
         "source": loaded.source,
         "loadedAtUnix": loaded_at,
@@ -150,14 +172,10 @@ pub fn config_json(state: &ProxyState) -> String {
         "services": services,
         "trafficPolicies": traffic,
         "authorizationPolicies": authz,
-        "listeners": *state.listeners(),
+        "listeners": applied.listeners,
         "notEnforced": loaded.not_enforced,
-        "draining": state.is_draining(),
-    });
-    let mut out =
-        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
-    out.push('\n');
-    out
+        "draining": draining,
+    })
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

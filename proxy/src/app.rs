@@ -1,32 +1,27 @@
-//! Assembling a running proxy from a validated configuration: bind every
-//! listener, build each one's stack, start the admin server, and drain it
-//! all on shutdown.
+//! Assembling a running proxy: start the admin server, apply a validated
+//! configuration (now, or later when one is delivered), apply the next ones
+//! as they come, and drain it all on shutdown.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use outrigger_config::{
-    LoadBalancer, MeshConfig, Protocol, ResourceRef, Service, Timeouts, Workload,
-};
+use outrigger_config::{LoadBalancer, MeshConfig, ResourceRef};
 
-use crate::balance::RoundRobin;
+use crate::admin;
+use crate::apply::{self, ApplyError, ApplySummary, Listeners};
 use crate::drain::{self, DrainOutcome};
-use crate::forward::Destination;
-use crate::http::client::ClientSettings;
 use crate::http::server::ServerSettings;
-use crate::metrics::ConnectionMetrics;
-use crate::state::{BoundListener, Direction, Loaded, ProxyState};
-use crate::tcp::{ByteCounters, TcpTarget};
-use crate::transport::Plaintext;
-use crate::{admin, inbound, listener, outbound};
+use crate::state::{Loaded, ProxyState};
 
 /// Everything needed to start a proxy (the CLI fills this in).
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
-    pub config_path: PathBuf,
+    /// The configuration file, when there is one (a control plane may
+    /// deliver the configuration instead).
+    pub config_path: Option<PathBuf>,
     /// `NAME` or `NAMESPACE/NAME`.
     pub workload: String,
     pub admin_addr: SocketAddr,
@@ -39,22 +34,36 @@ pub struct ProxyOptions {
     pub server: ServerSettings,
 }
 
-/// A started proxy.
+/// A started proxy. Share it (`Arc<Running>`) between whatever delivers
+/// configurations and whatever shuts it down: every method takes `&self`.
 #[derive(Debug)]
 pub struct Running {
     pub state: Arc<ProxyState>,
     pub admin_addr: SocketAddr,
-    drain: drain::Drain,
+    options: ProxyOptions,
+    /// Also serializes applies: two at once would race on the ports.
+    listeners: tokio::sync::Mutex<Listeners>,
+    /// Taken by the shutdown.
+    drain: Mutex<Option<drain::Drain>>,
 }
 
-/// Loads the configuration and picks out this proxy's workload.
-pub fn load(config_path: &std::path::Path, workload: &str) -> anyhow::Result<Loaded> {
+/// Loads a configuration file and picks out this proxy's workload. The
+/// version is a digest of the file's text.
+pub fn load(config_path: &Path, workload: &str) -> anyhow::Result<Loaded> {
     let text = std::fs::read(config_path)
         .with_context(|| format!("cannot read configuration {}", config_path.display()))?;
     let source = config_path.display().to_string();
     let yaml =
         String::from_utf8(text).map_err(|e| anyhow::anyhow!("{source}: not UTF-8 text: {e}"))?;
-    let config = outrigger_config::load_str(&source, &yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+    load_str(&source, &yaml, workload)
+}
+
+/// Validates a configuration held in memory (e.g. a snapshot a control
+/// plane pushed) and picks out `workload` (`NAME` or `NAMESPACE/NAME`).
+/// `source` names it in errors and `/config`. The version is a digest of
+/// `yaml`; [`Loaded::with_version`] replaces it.
+pub fn load_str(source: &str, yaml: &str, workload: &str) -> anyhow::Result<Loaded> {
+    let config = outrigger_config::load_str(source, yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (namespace, name) = match workload.split_once('/') {
         Some((ns, name)) => (Some(ns), name),
         None => (None, workload),
@@ -67,7 +76,7 @@ pub fn load(config_path: &std::path::Path, workload: &str) -> anyhow::Result<Loa
     let not_enforced = not_enforced(&config, &id);
     Ok(Loaded {
         version: crate::state::digest(yaml.as_bytes()),
-        source,
+        source: source.to_string(),
         loaded_at: SystemTime::now(),
         workload: id,
         config,
@@ -75,172 +84,85 @@ pub fn load(config_path: &std::path::Path, workload: &str) -> anyhow::Result<Loa
     })
 }
 
-/// Binds every listener and starts serving.
-pub async fn start(options: ProxyOptions, loaded: Loaded) -> anyhow::Result<Running> {
+/// Starts the admin server, then applies `loaded` if there is one. With
+/// `None` the proxy has no listeners and `/ready` says 503 until a first
+/// [`Running::apply`].
+pub async fn start(options: ProxyOptions, loaded: Option<Loaded>) -> anyhow::Result<Running> {
     let prometheus = crate::metrics::install();
-    for warning in &loaded.not_enforced {
-        tracing::warn!("{warning}");
-    }
-    let config = loaded.config.clone();
-    let workload = config
-        .workloads
-        .iter()
-        .find(|w| w.id == loaded.workload)
-        .cloned()
-        .context("workload vanished from its own configuration")?;
-    metrics::gauge!(crate::metrics::CONFIG_INFO, "version" => loaded.version.clone()).set(1.0);
-
-    let state = ProxyState::new(loaded);
-    let (drain, watch) = drain::channel();
-    let mut bound = Vec::new();
-
-    for listener in &workload.inbound {
-        bound.push(start_inbound(&options, &workload, listener, watch.clone()).await?);
-    }
-    for listener in &workload.outbound {
-        let service = config
-            .service(&listener.service)
-            .context("outbound service vanished from its own configuration")?;
-        let timeouts = config
-            .traffic_policy_for(&service.id)
-            .map(|p| p.timeouts.clone())
-            .unwrap_or_default();
-        bound.push(
-            start_outbound(&options, listener.port, service, &timeouts, watch.clone()).await?,
-        );
-    }
-    state.set_listeners(bound);
-
+    let state = ProxyState::new();
+    // Each listener subscribes its own watch when it starts.
+    let (drain, _) = drain::channel();
     let admin_addr = admin::start(options.admin_addr, state.clone(), prometheus).await?;
-    drop(watch);
-    Ok(Running {
+    let running = Running {
         state,
         admin_addr,
-        drain,
-    })
-}
-
-async fn start_inbound(
-    options: &ProxyOptions,
-    workload: &Workload,
-    spec: &outrigger_config::InboundListener,
-    watch: drain::Watch,
-) -> anyhow::Result<BoundListener> {
-    let name = format!("inbound/{}", spec.name);
-    let app_addr = SocketAddr::new(options.app_ip, spec.app_port);
-    let tcp = listener::bind(SocketAddr::new(options.inbound_ip, spec.port), &name).await?;
-    let addr = tcp.local_addr()?;
-    let metrics = ConnectionMetrics::new("inbound", &name);
-    let workload_name: Arc<str> = Arc::from(workload.id.to_string());
-    match spec.protocol {
-        Protocol::Http => {
-            let settings = ClientSettings {
-                max_header_bytes: options.server.max_header_bytes,
-                ..ClientSettings::default()
-            };
-            let app = Arc::new(Destination::new(
-                workload_name,
-                Plaintext,
-                &[app_addr],
-                &settings,
-            ));
-            let stack = inbound::http_stack(app);
-            listener::serve_http(
-                tcp,
-                name.clone(),
-                metrics,
-                watch,
-                Plaintext,
-                stack,
-                options.server.clone(),
-            );
-        }
-        Protocol::Tcp => {
-            let app = Arc::new(TcpTarget {
-                name: workload_name,
-                transport: Plaintext,
-                endpoints: RoundRobin::new(vec![app_addr]),
-                connect_timeout: Timeouts::default().connect,
-                idle_timeout: spec.idle_timeout,
-                counters: ByteCounters::new("inbound", &name),
-            });
-            listener::serve_tcp(tcp, name.clone(), metrics, watch, Plaintext, app);
-        }
+        options,
+        listeners: tokio::sync::Mutex::new(Listeners::default()),
+        drain: Mutex::new(Some(drain)),
+    };
+    if let Some(loaded) = loaded {
+        running.apply(loaded).await?;
     }
-    tracing::info!(listener = %name, %addr, app = %app_addr, protocol = %spec.protocol, "listening");
-    Ok(BoundListener {
-        name,
-        direction: Direction::Inbound,
-        protocol: spec.protocol,
-        addr,
-        target: app_addr.to_string(),
-    })
-}
-
-async fn start_outbound(
-    options: &ProxyOptions,
-    port: u16,
-    service: &Service,
-    timeouts: &Timeouts,
-    watch: drain::Watch,
-) -> anyhow::Result<BoundListener> {
-    let service_name: Arc<str> = Arc::from(service.id.to_string());
-    let name = format!("outbound/{}", service.id);
-    let tcp = listener::bind(SocketAddr::new(options.outbound_ip, port), &name).await?;
-    let addr = tcp.local_addr()?;
-    let metrics = ConnectionMetrics::new("outbound", &name);
-    let endpoints: Vec<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
-    match service.protocol {
-        Protocol::Http => {
-            let settings = ClientSettings {
-                connect_timeout: timeouts.connect,
-                pool_idle_timeout: timeouts.idle.min(Duration::from_secs(90)),
-                max_header_bytes: options.server.max_header_bytes,
-            };
-            let destination = Arc::new(Destination::new(
-                service_name,
-                Plaintext,
-                &endpoints,
-                &settings,
-            ));
-            let stack = outbound::http_stack(destination, timeouts.request);
-            listener::serve_http(
-                tcp,
-                name.clone(),
-                metrics,
-                watch,
-                Plaintext,
-                stack,
-                options.server.clone(),
-            );
-        }
-        Protocol::Tcp => {
-            let destination = Arc::new(TcpTarget {
-                name: service_name,
-                transport: Plaintext,
-                endpoints: RoundRobin::new(endpoints),
-                connect_timeout: timeouts.connect,
-                idle_timeout: timeouts.idle,
-                counters: ByteCounters::new("outbound", &name),
-            });
-            listener::serve_tcp(tcp, name.clone(), metrics, watch, Plaintext, destination);
-        }
-    }
-    tracing::info!(listener = %name, %addr, service = %service.id, protocol = %service.protocol, "listening");
-    Ok(BoundListener {
-        name,
-        direction: Direction::Outbound,
-        protocol: service.protocol,
-        addr,
-        target: service.id.to_string(),
-    })
+    Ok(running)
 }
 
 impl Running {
+    /// Makes the running listeners match `loaded`: binds new listeners,
+    /// swaps the routes of kept ones, closes removed ones (their open
+    /// connections finish on their own). All or nothing: on error the
+    /// previous configuration keeps serving as it was, so the caller can
+    /// report the error (NACK) and carry on.
+    pub async fn apply(&self, loaded: Loaded) -> Result<ApplySummary, ApplyError> {
+        let mut listeners = self.listeners.lock().await;
+        let watch = self
+            .drain
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(drain::Drain::watch);
+        let Some(watch) = watch.filter(|_| !self.state.is_draining()) else {
+            return Err(ApplyError::Draining);
+        };
+        let specs = apply::listener_specs(&self.options, &loaded)?;
+        let previous = self.state.loaded();
+        let mut summary = match listeners.apply(&specs, &self.options.server, &watch).await {
+            Ok(summary) => summary,
+            Err(e) => {
+                // Normally a no-op; it matters when an old listener could
+                // not be restored, so /config does not list it.
+                if let Some(previous) = previous {
+                    self.state.set_applied(previous, listeners.bound());
+                }
+                return Err(e);
+            }
+        };
+        summary.version = loaded.version.clone();
+        for warning in &loaded.not_enforced {
+            tracing::warn!("{warning}");
+        }
+        if let Some(previous) = previous.filter(|p| p.version != loaded.version) {
+            metrics::gauge!(crate::metrics::CONFIG_INFO, "version" => previous.version.clone())
+                .set(0.0);
+        }
+        metrics::gauge!(crate::metrics::CONFIG_INFO, "version" => loaded.version.clone()).set(1.0);
+        tracing::info!(workload = %loaded.workload, source = %loaded.source, "configuration applied: {summary}");
+        self.state.set_applied(Arc::new(loaded), listeners.bound());
+        Ok(summary)
+    }
+
     /// Stops accepting, lets in-flight work finish for up to `deadline`.
-    pub async fn shutdown(self, deadline: Duration) -> DrainOutcome {
+    /// Later applies are refused.
+    pub async fn shutdown(&self, deadline: Duration) -> DrainOutcome {
         self.state.set_draining();
-        self.drain.drain(deadline).await
+        let drain = self
+            .drain
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match drain {
+            Some(drain) => drain.drain(deadline).await,
+            None => DrainOutcome::Complete,
+        }
     }
 }
 

@@ -21,6 +21,10 @@ impl<E> RoundRobin<E> {
         }
     }
 
+    pub fn endpoints(&self) -> &[E] {
+        &self.endpoints
+    }
+
     /// The next endpoint, or `None` when there are none.
     pub fn pick(&self) -> Option<&E> {
         match self.endpoints.len() {

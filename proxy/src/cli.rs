@@ -16,7 +16,11 @@ use crate::http::server::ServerSettings;
     version,
     about = "The Outrigger sidecar proxy",
     long_about = "The Outrigger sidecar proxy.\n\nRuns one workload's inbound and outbound listeners from a mesh \
-configuration file. On start it prints one JSON line to stdout with the bound addresses; logs go to stderr."
+configuration file. On start it prints one JSON line to stdout with the bound addresses; logs go to stderr.\n\n\
+On SIGHUP it reads the file again and applies it without a restart: new listeners are bound, removed ones \
+stop accepting (their open connections finish), kept ones switch to the new endpoints and timeouts for the \
+next request while requests in flight finish where they started. If the file is invalid or a port cannot be \
+bound, the error is logged and the previous configuration keeps serving; /config shows the version running."
 )]
 pub struct Args {
     /// Mesh configuration file (multi-document YAML).
@@ -89,7 +93,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 impl Args {
     pub fn options(&self) -> ProxyOptions {
         ProxyOptions {
-            config_path: self.config.clone(),
+            config_path: Some(self.config.clone()),
             workload: self.workload.clone(),
             admin_addr: self.admin_addr,
             inbound_ip: self.inbound_ip,

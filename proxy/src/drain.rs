@@ -39,6 +39,14 @@ pub fn channel() -> (Drain, Watch) {
 // === impl Drain ===
 
 impl Drain {
+    /// A new watch, for a listener started after the others (a
+    /// configuration change). The drain waits for it like for the rest.
+    pub fn watch(&self) -> Watch {
+        Watch {
+            rx: self.tx.subscribe(),
+        }
+    }
+
     /// Starts draining, then waits up to `deadline` for all watchers to go.
     pub async fn drain(self, deadline: Duration) -> DrainOutcome {
         // send_replace never fails, even with no receivers left.

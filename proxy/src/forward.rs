@@ -2,10 +2,12 @@
 //! destination and hand back the response.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use tower::Service;
 
@@ -28,30 +30,59 @@ pub struct Destination<T: ClientTransport> {
     /// Shown in errors and metrics, e.g. `shop/api`.
     pub name: Arc<str>,
     endpoints: RoundRobin<EndpointClient<T>>,
+    settings: ClientSettings,
 }
 
 impl<T: ClientTransport> Destination<T> {
     pub fn new(
         name: Arc<str>,
         transport: T,
-        addrs: &[std::net::SocketAddr],
+        addrs: &[SocketAddr],
         settings: &ClientSettings,
     ) -> Self {
+        Self::reusing(None, name, transport, addrs, settings)
+    }
+
+    /// Like [`Destination::new`], but takes over `previous`'s client for
+    /// every address it keeps when the client settings are unchanged, so
+    /// pooled keep-alive connections survive a configuration change.
+    pub fn reusing(
+        previous: Option<&Destination<T>>,
+        name: Arc<str>,
+        transport: T,
+        addrs: &[SocketAddr],
+        settings: &ClientSettings,
+    ) -> Self {
+        let reusable = previous.filter(|p| p.settings == *settings);
         let clients = addrs
             .iter()
-            .map(|addr| EndpointClient::new(transport.clone(), *addr, settings))
+            .map(|addr| {
+                reusable
+                    .and_then(|p| p.endpoints.endpoints().iter().find(|c| c.addr() == *addr))
+                    .cloned()
+                    .unwrap_or_else(|| EndpointClient::new(transport.clone(), *addr, settings))
+            })
             .collect();
         Self {
             name,
             endpoints: RoundRobin::new(clients),
+            settings: settings.clone(),
         }
     }
+
+    pub fn endpoints(&self) -> &[EndpointClient<T>] {
+        self.endpoints.endpoints()
+    }
 }
+
+/// A destination that a configuration change can replace while requests
+/// flow: each request loads the current one and keeps it until done.
+pub type SharedDestination<T> = Arc<ArcSwap<Destination<T>>>;
 
 /// Forwards each request to the next endpoint of a destination.
 #[derive(Debug)]
 pub struct Forward<T: ClientTransport> {
-    destination: Arc<Destination<T>>,
+    destination: SharedDestination<T>,
 }
 
 impl<T: ClientTransport> Clone for Forward<T> {
@@ -63,7 +94,7 @@ impl<T: ClientTransport> Clone for Forward<T> {
 }
 
 impl<T: ClientTransport> Forward<T> {
-    pub fn new(destination: Arc<Destination<T>>) -> Self {
+    pub fn new(destination: SharedDestination<T>) -> Self {
         Self { destination }
     }
 }
@@ -83,7 +114,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let dest = self.destination.clone();
+        // Holding the Arc (not a guard) keeps this request on the
+        // destination it started with, however long it runs.
+        let dest = self.destination.load_full();
         Box::pin(async move {
             let Some(endpoint) = dest.endpoints.pick() else {
                 return Err(ProxyError::NoEndpoints {

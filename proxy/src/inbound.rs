@@ -14,15 +14,15 @@ use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use crate::errors::ErrorResponseLayer;
-use crate::forward::{Destination, Forward};
+use crate::forward::{Forward, SharedDestination};
 use crate::headers::HeadersLayer;
 use crate::http::server::HttpService;
 use crate::metrics::{MetricsLayer, RequestMetrics};
 use crate::transport::ClientTransport;
 
-/// The HTTP stack for one inbound listener; `app` has the one endpoint.
-pub fn http_stack<T: ClientTransport>(app: Arc<Destination<T>>) -> HttpService {
-    let name = app.name.clone();
+/// The HTTP stack for one inbound listener; `app` has the one endpoint
+/// (swappable, e.g. when the app port changes).
+pub fn http_stack<T: ClientTransport>(name: Arc<str>, app: SharedDestination<T>) -> HttpService {
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(RequestMetrics::new("inbound", &name)))
         .layer(ErrorResponseLayer)

@@ -10,12 +10,14 @@
 //! ```
 //!
 //! `app` assembles the pieces from a validated [`outrigger_config::MeshConfig`];
-//! `admin` serves `/live`, `/ready`, `/metrics` and `/config` on its own listener.
+//! `apply` changes the running listeners to match the next one (SIGHUP, or
+//! a control plane push) without a restart; `admin` serves `/live`, `/ready`, `/metrics` and `/config` on its own listener.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod apply;
 pub mod balance;
 pub mod cli;
 pub mod drain;

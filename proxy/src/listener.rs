@@ -1,7 +1,9 @@
 //! Accept loops: one task per listener, one task per connection.
 //!
 //! A listener stops accepting (and closes its port) as soon as the drain
-//! starts; connections already accepted carry on and finish gracefully.
+//! starts, or when its [`ListenerHandle`] is closed or dropped (a
+//! configuration change removed it); connections already accepted carry on
+//! and finish on their own.
 
 use std::future::Future;
 use std::io;
@@ -9,40 +11,73 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-
-use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::drain;
 use crate::http::server::{self, HttpService, ServerSettings};
 use crate::metrics::ConnectionMetrics;
-use crate::tcp::{self, TcpTarget};
+use crate::tcp::{self, SharedTcpTarget};
 use crate::transport::{ClientTransport, ServerTransport};
 
-/// Binds a listener. Errors name the address, since "address in use" alone
-/// does not say which of several ports clashed.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))
+/// A port that could not be bound. It names the address and the listener,
+/// since "address in use" alone does not say which of several ports clashed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for {what}: {error}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub what: String,
+    pub error: io::Error,
 }
 
-/// Accepts connections until the drain starts, running `handle` for each on
-/// its own task.
+pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|error| BindError {
+        addr,
+        what: what.to_string(),
+        error,
+    })
+}
+
+/// A running accept loop. Dropping it stops the loop too, but only
+/// [`ListenerHandle::close`] says when the port is actually released.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl ListenerHandle {
+    /// Stops accepting and waits until the port is closed. Connections
+    /// already accepted are not touched.
+    pub async fn close(self) {
+        // An error means the loop already ended (drain): nothing to stop.
+        let _ = self.stop.send(());
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "accept loop ended abnormally");
+        }
+    }
+}
+
+/// Accepts connections until the drain starts or the handle is closed,
+/// running `handle` for each on its own task.
 fn spawn_accept_loop<H, F>(
     listener: TcpListener,
     name: String,
     metrics: ConnectionMetrics,
     mut drain: drain::Watch,
     handle: H,
-) where
+) -> ListenerHandle
+where
     H: Fn(TcpStream, SocketAddr, drain::Watch) -> F + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(async move {
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = drain.signaled() => break,
+                _ = &mut stopped => break,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -70,8 +105,10 @@ fn spawn_accept_loop<H, F>(
                 }
             }
         }
+        drop(listener);
         tracing::debug!(listener = %name, "stopped accepting");
     });
+    ListenerHandle { stop, task }
 }
 
 /// Serves HTTP on every connection the listener accepts.
@@ -83,7 +120,7 @@ pub fn serve_http<T: ServerTransport>(
     transport: T,
     stack: HttpService,
     settings: ServerSettings,
-) {
+) -> ListenerHandle {
     spawn_accept_loop(
         listener,
         name,
@@ -100,18 +137,19 @@ pub fn serve_http<T: ServerTransport>(
                 }
             }
         },
-    );
+    )
 }
 
-/// Carries every connection the listener accepts to `target` as opaque TCP.
+/// Carries every connection the listener accepts to the current `target`
+/// as opaque TCP.
 pub fn serve_tcp<S: ServerTransport, C: ClientTransport>(
     listener: TcpListener,
     name: String,
     metrics: ConnectionMetrics,
     drain: drain::Watch,
     transport: S,
-    target: Arc<TcpTarget<C>>,
-) {
+    target: SharedTcpTarget<C>,
+) -> ListenerHandle {
     spawn_accept_loop(
         listener,
         name,
@@ -119,7 +157,7 @@ pub fn serve_tcp<S: ServerTransport, C: ClientTransport>(
         drain,
         move |stream, peer, drain| {
             let transport = transport.clone();
-            let target = target.clone();
+            let target = target.load_full();
             async move {
                 // Holding the watch makes shutdown wait (up to the drain
                 // deadline) for the stream to end on its own: a byte stream
@@ -131,7 +169,7 @@ pub fn serve_tcp<S: ServerTransport, C: ClientTransport>(
                 }
             }
         },
-    );
+    )
 }
 
 fn is_fatal(e: &io::Error) -> bool {

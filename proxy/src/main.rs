@@ -39,21 +39,34 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed before anything else: SIGHUP's default action would kill
+    // the process.
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
     let options = args.options();
-    let loaded = app::load(&options.config_path, &options.workload)?;
+    let loaded = app::load(&args.config, &options.workload)?;
     tracing::info!(workload = %loaded.workload, version = %loaded.version, source = %loaded.source, "configuration loaded");
-    let running = app::start(options, loaded).await?;
+    let running = app::start(options, Some(loaded)).await?;
 
     // One machine-readable line on stdout, so scripts and tests learn the
     // bound ports (listeners may be configured with port 0).
     let line = serde_json::json!({
         "event": "listening",
         "admin": running.admin_addr,
-        "listeners": *running.state.listeners(),
+        "listeners": running.state.listeners(),
     });
     println!("{line}");
 
-    let signal = shutdown_signal().await?;
+    let signal = loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&running, &args).await,
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+        }
+    };
     tracing::info!(%signal, deadline = ?args.drain_deadline, "draining");
     match running.shutdown(args.drain_deadline).await {
         DrainOutcome::Complete => tracing::info!("drained; exiting"),
@@ -65,14 +78,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGHUP: re-reads the configuration file and applies it. Any error
+/// leaves the running configuration serving as it was.
+async fn reload(running: &app::Running, args: &Args) {
+    let current = running
+        .state
+        .loaded()
+        .map(|l| l.version.clone())
+        .unwrap_or_default();
+    tracing::info!(config = %args.config.display(), "SIGHUP: reloading the configuration");
+    let loaded = match app::load(&args.config, &args.workload) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::error!("reload refused, still serving version {current}: {e:#}");
+            return;
+        }
+    };
+    let version = loaded.version.clone();
+    if let Err(e) = running.apply(loaded).await {
+        tracing::error!(
+            "reload of version {version} refused, still serving version {current}: {e}"
+        );
+    }
 }
 
 fn init_logging(args: &Args) {

@@ -9,25 +9,26 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use crate::errors::ErrorResponseLayer;
-use crate::forward::{Destination, Forward};
+use crate::forward::{Forward, SharedDestination};
 use crate::headers::HeadersLayer;
 use crate::http::server::HttpService;
 use crate::metrics::{MetricsLayer, RequestMetrics};
-use crate::timeout::TimeoutLayer;
+use crate::timeout::{SharedTimeout, TimeoutLayer};
 use crate::transport::ClientTransport;
 
-/// The HTTP stack for one outbound listener.
+/// The HTTP stack for one outbound listener. `destination` and
+/// `request_timeout` can be swapped while it serves; the service name
+/// (metrics labels, error texts) is fixed for the listener's lifetime.
 pub fn http_stack<T: ClientTransport>(
-    destination: Arc<Destination<T>>,
-    request_timeout: Option<Duration>,
+    name: Arc<str>,
+    destination: SharedDestination<T>,
+    request_timeout: SharedTimeout,
 ) -> HttpService {
-    let name = destination.name.clone();
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(RequestMetrics::new("outbound", &name)))
         .layer(ErrorResponseLayer)

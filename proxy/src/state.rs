@@ -1,21 +1,21 @@
 //! What the proxy is running, shared with the admin server.
 //!
 //! The data path never reads this: each listener's stack holds its own
-//! snapshot. It exists so `/config` and `/ready` can tell the truth.
+//! swappable route. It exists so `/config` and `/ready` can tell the truth.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use outrigger_config::{MeshConfig, ResourceRef};
 use serde::Serialize;
 
 /// One bound listener, as reported on stdout at start and in `/config`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BoundListener {
-    /// `inbound/<name>` or `outbound/<port>`.
+    /// `inbound/<name>` or `outbound/<service>`.
     pub name: String,
     pub direction: Direction,
     pub protocol: outrigger_config::Protocol,
@@ -24,7 +24,7 @@ pub struct BoundListener {
     pub target: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Inbound,
@@ -34,43 +34,66 @@ pub enum Direction {
 /// A configuration as loaded, with where it came from.
 #[derive(Debug)]
 pub struct Loaded {
-    /// A digest of the source text: equal text, equal version.
+    /// A digest of the source text by default (equal text, equal version);
+    /// a control plane sets its own.
     pub version: String,
     pub source: String,
     pub loaded_at: SystemTime,
     pub workload: ResourceRef,
     pub config: MeshConfig,
     /// Settings the configuration asks for that this build validates but
-    /// does not enforce yet; logged at start and shown in `/config`.
+    /// does not enforce yet; logged when applied and shown in `/config`.
     pub not_enforced: Vec<String>,
 }
 
+impl Loaded {
+    /// Replaces the version, e.g. with the one a control plane assigned.
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+}
+
+/// The configuration being served and the listeners bound for it. They
+/// are swapped together so `/config` never shows one without the other.
 #[derive(Debug)]
+pub struct Applied {
+    pub loaded: Arc<Loaded>,
+    pub listeners: Vec<BoundListener>,
+}
+
+#[derive(Debug, Default)]
 pub struct ProxyState {
-    loaded: ArcSwap<Loaded>,
-    listeners: ArcSwap<Vec<BoundListener>>,
+    /// `None` until a first configuration has been applied (a control
+    /// plane may deliver it after start).
+    applied: ArcSwapOption<Applied>,
     draining: AtomicBool,
 }
 
 impl ProxyState {
-    pub fn new(loaded: Loaded) -> Arc<Self> {
-        Arc::new(Self {
-            loaded: ArcSwap::from_pointee(loaded),
-            listeners: ArcSwap::from_pointee(Vec::new()),
-            draining: AtomicBool::new(false),
-        })
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
     }
 
-    pub fn loaded(&self) -> Arc<Loaded> {
-        self.loaded.load_full()
+    pub fn set_applied(&self, loaded: Arc<Loaded>, listeners: Vec<BoundListener>) {
+        self.applied
+            .store(Some(Arc::new(Applied { loaded, listeners })));
     }
 
-    pub fn set_listeners(&self, listeners: Vec<BoundListener>) {
-        self.listeners.store(Arc::new(listeners));
+    pub fn applied(&self) -> Option<Arc<Applied>> {
+        self.applied.load_full()
     }
 
-    pub fn listeners(&self) -> Arc<Vec<BoundListener>> {
-        self.listeners.load_full()
+    pub fn loaded(&self) -> Option<Arc<Loaded>> {
+        self.applied.load().as_ref().map(|a| a.loaded.clone())
+    }
+
+    pub fn listeners(&self) -> Vec<BoundListener> {
+        self.applied
+            .load()
+            .as_ref()
+            .map(|a| a.listeners.clone())
+            .unwrap_or_default()
     }
 
     pub fn set_draining(&self) {
@@ -81,10 +104,16 @@ impl ProxyState {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Ready when a policy is loaded, the listeners are bound, and we are
-    /// not shutting down. (Once mTLS lands: and a certificate is in hand.)
+    /// Ready when a configuration is applied, its listeners are bound, and
+    /// we are not shutting down. (Once mTLS lands: and a certificate is in
+    /// hand.)
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && !self.listeners.load().is_empty()
+        !self.is_draining()
+            && self
+                .applied
+                .load()
+                .as_ref()
+                .is_some_and(|a| !a.listeners.is_empty())
     }
 }
 

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use metrics::Counter;
 use tokio::time::Instant;
 
-use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::balance::RoundRobin;
@@ -70,6 +71,10 @@ pub struct TcpTarget<T> {
     pub idle_timeout: Duration,
     pub counters: ByteCounters,
 }
+
+/// A TCP listener's target, swappable by a configuration change; each
+/// connection loads the current one as it is accepted and keeps it.
+pub type SharedTcpTarget<T> = Arc<ArcSwap<TcpTarget<T>>>;
 
 /// Carries one accepted connection to the next endpoint of `target`. A
 /// failure to connect closes the downstream connection (TCP has no way to

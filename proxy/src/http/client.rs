@@ -24,7 +24,7 @@ use super::body::ProxyBody;
 use crate::transport::ClientTransport;
 
 /// How upstream connections are made and kept.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientSettings {
     pub connect_timeout: Duration,
     /// Idle pooled connections are closed after this long.

@@ -1,0 +1,577 @@
+//! Changing the running listeners to match a new configuration.
+//!
+//! A listener is the same listener across configurations as long as its
+//! [`ListenerKey`] stays. It then keeps its socket (so its port, even one
+//! the OS picked for a configured port 0) and only its route is swapped:
+//! each HTTP request, or TCP connection, loads the current route once as it
+//! starts and keeps it until done.
+//!
+//! Every new listener is bound before anything else changes, so a port that
+//! cannot be bound leaves the old configuration serving, untouched. The one
+//! exception is a port that a removed listener holds (a protocol change on
+//! the same port, say): that listener has to close first. If the new one
+//! then cannot bind, the old one is bound again.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use outrigger_config::{Protocol, Timeouts};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::app::ProxyOptions;
+use crate::balance::RoundRobin;
+use crate::drain;
+use crate::forward::{Destination, SharedDestination};
+use crate::http::client::ClientSettings;
+use crate::http::server::ServerSettings;
+use crate::listener::{self, BindError, ListenerHandle};
+use crate::metrics::ConnectionMetrics;
+use crate::state::{BoundListener, Direction, Loaded};
+use crate::tcp::{ByteCounters, SharedTcpTarget, TcpTarget};
+use crate::timeout::SharedTimeout;
+use crate::transport::Plaintext;
+use crate::{inbound, outbound};
+
+/// Why a configuration was not applied. Whatever the reason, the proxy
+/// keeps serving the configuration it had.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The configuration contradicts itself (validation rules this out for
+    /// anything built by `app::load`/`app::load_str`).
+    #[error("inconsistent configuration: {0}")]
+    Inconsistent(String),
+    #[error("the proxy is shutting down; configuration not applied")]
+    Draining,
+}
+
+/// What changed, listener by listener (names as in `/config`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplySummary {
+    /// The version now running.
+    pub version: String,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Kept listeners whose route (endpoints, timeouts, app port) changed.
+    pub updated: Vec<String>,
+    pub unchanged: usize,
+}
+
+impl fmt::Display for ApplySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "version {}: {} added, {} removed, {} updated, {} unchanged",
+            self.version,
+            self.added.len(),
+            self.removed.len(),
+            self.updated.len(),
+            self.unchanged
+        )
+    }
+}
+
+/// What makes a listener the same listener in two configurations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub direction: Direction,
+    /// As configured: 0 (any free port) stays 0 here, so such a listener
+    /// keeps the port it was given.
+    pub port: u16,
+    /// Inbound: the listener's name; outbound: the service.
+    pub name: String,
+    pub protocol: Protocol,
+    /// Tells apart listeners that are otherwise equal (two port-0 outbound
+    /// listeners for one service).
+    pub ordinal: usize,
+}
+
+impl ListenerKey {
+    fn same_but_ordinal(&self, other: &ListenerKey) -> bool {
+        self.direction == other.direction
+            && self.port == other.port
+            && self.name == other.name
+            && self.protocol == other.protocol
+    }
+}
+
+/// One listener as a configuration asks for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerSpec {
+    pub key: ListenerKey,
+    /// `inbound/<name>` or `outbound/<service>`: logs and metric labels.
+    pub name: String,
+    pub bind: SocketAddr,
+    pub route: RouteSpec,
+}
+
+/// Where a listener sends its traffic, and how.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RouteSpec {
+    /// To the local app.
+    Inbound {
+        workload: String,
+        app: SocketAddr,
+        idle_timeout: Duration,
+    },
+    /// To the endpoints of a service.
+    Outbound {
+        service: String,
+        endpoints: Vec<SocketAddr>,
+        timeouts: Timeouts,
+    },
+}
+
+/// The listeners `loaded` asks this proxy to run, in configuration order.
+pub fn listener_specs(
+    options: &ProxyOptions,
+    loaded: &Loaded,
+) -> Result<Vec<ListenerSpec>, ApplyError> {
+    let config = &loaded.config;
+    let workload = config
+        .workloads
+        .iter()
+        .find(|w| w.id == loaded.workload)
+        .ok_or_else(|| {
+            ApplyError::Inconsistent(format!(
+                "workload {} is not in the configuration",
+                loaded.workload
+            ))
+        })?;
+    let mut specs = Vec::new();
+    for spec in &workload.inbound {
+        specs.push(ListenerSpec {
+            key: ListenerKey {
+                direction: Direction::Inbound,
+                port: spec.port,
+                name: spec.name.clone(),
+                protocol: spec.protocol,
+                ordinal: 0,
+            },
+            name: format!("inbound/{}", spec.name),
+            bind: SocketAddr::new(options.inbound_ip, spec.port),
+            route: RouteSpec::Inbound {
+                workload: workload.id.to_string(),
+                app: SocketAddr::new(options.app_ip, spec.app_port),
+                idle_timeout: spec.idle_timeout,
+            },
+        });
+    }
+    for spec in &workload.outbound {
+        let service = config.service(&spec.service).ok_or_else(|| {
+            ApplyError::Inconsistent(format!(
+                "service {} of the outbound listener on port {} is not in the configuration",
+                spec.service, spec.port
+            ))
+        })?;
+        let timeouts = config
+            .traffic_policy_for(&service.id)
+            .map(|p| p.timeouts.clone())
+            .unwrap_or_default();
+        specs.push(ListenerSpec {
+            key: ListenerKey {
+                direction: Direction::Outbound,
+                port: spec.port,
+                name: service.id.to_string(),
+                protocol: service.protocol,
+                ordinal: 0,
+            },
+            name: format!("outbound/{}", service.id),
+            bind: SocketAddr::new(options.outbound_ip, spec.port),
+            route: RouteSpec::Outbound {
+                service: service.id.to_string(),
+                endpoints: service.endpoints.iter().map(|e| e.address).collect(),
+                timeouts,
+            },
+        });
+    }
+    number_duplicates(&mut specs);
+    Ok(specs)
+}
+
+fn number_duplicates(specs: &mut [ListenerSpec]) {
+    for i in 0..specs.len() {
+        let (before, rest) = specs.split_at_mut(i);
+        if let Some(spec) = rest.first_mut() {
+            spec.key.ordinal = before
+                .iter()
+                .filter(|s| s.key.same_but_ordinal(&spec.key))
+                .count();
+        }
+    }
+}
+
+// === Routes ===
+
+/// The swappable parts of a listener's stack. The protocol is part of the
+/// key, so a kept listener's route never changes kind.
+#[derive(Clone, Debug)]
+enum Route {
+    Http {
+        destination: SharedDestination<Plaintext>,
+        timeout: SharedTimeout,
+    },
+    Tcp(SharedTcpTarget<Plaintext>),
+}
+
+impl Route {
+    fn new(spec: &ListenerSpec, server: &ServerSettings) -> Self {
+        match spec.key.protocol {
+            Protocol::Http => Route::Http {
+                destination: Arc::new(ArcSwap::from_pointee(destination(spec, None, server))),
+                timeout: Arc::new(ArcSwap::from_pointee(request_timeout(&spec.route))),
+            },
+            Protocol::Tcp => Route::Tcp(Arc::new(ArcSwap::from_pointee(tcp_target(spec)))),
+        }
+    }
+
+    /// Swaps in what `spec` asks for. Requests and connections in flight
+    /// keep the route they started with.
+    fn update(&self, spec: &ListenerSpec, server: &ServerSettings) {
+        match self {
+            Route::Http {
+                destination: shared,
+                timeout,
+            } => {
+                let previous = shared.load_full();
+                shared.store(Arc::new(destination(spec, Some(&previous), server)));
+                timeout.store(Arc::new(request_timeout(&spec.route)));
+            }
+            Route::Tcp(target) => target.store(Arc::new(tcp_target(spec))),
+        }
+    }
+}
+
+/// The service (outbound) or workload (inbound) name errors and request
+/// metrics show.
+fn target_name(route: &RouteSpec) -> Arc<str> {
+    match route {
+        RouteSpec::Inbound { workload, .. } => Arc::from(workload.as_str()),
+        RouteSpec::Outbound { service, .. } => Arc::from(service.as_str()),
+    }
+}
+
+fn endpoints(route: &RouteSpec) -> Vec<SocketAddr> {
+    match route {
+        RouteSpec::Inbound { app, .. } => vec![*app],
+        RouteSpec::Outbound { endpoints, .. } => endpoints.clone(),
+    }
+}
+
+fn request_timeout(route: &RouteSpec) -> Option<Duration> {
+    match route {
+        RouteSpec::Inbound { .. } => None,
+        RouteSpec::Outbound { timeouts, .. } => timeouts.request,
+    }
+}
+
+fn client_settings(route: &RouteSpec, server: &ServerSettings) -> ClientSettings {
+    match route {
+        RouteSpec::Inbound { .. } => ClientSettings {
+            max_header_bytes: server.max_header_bytes,
+            ..ClientSettings::default()
+        },
+        RouteSpec::Outbound { timeouts, .. } => ClientSettings {
+            connect_timeout: timeouts.connect,
+            pool_idle_timeout: timeouts.idle.min(Duration::from_secs(90)),
+            max_header_bytes: server.max_header_bytes,
+        },
+    }
+}
+
+fn destination(
+    spec: &ListenerSpec,
+    previous: Option<&Destination<Plaintext>>,
+    server: &ServerSettings,
+) -> Destination<Plaintext> {
+    Destination::reusing(
+        previous,
+        target_name(&spec.route),
+        Plaintext,
+        &endpoints(&spec.route),
+        &client_settings(&spec.route, server),
+    )
+}
+
+fn tcp_target(spec: &ListenerSpec) -> TcpTarget<Plaintext> {
+    let (connect_timeout, idle_timeout) = match &spec.route {
+        RouteSpec::Inbound { idle_timeout, .. } => (Timeouts::default().connect, *idle_timeout),
+        RouteSpec::Outbound { timeouts, .. } => (timeouts.connect, timeouts.idle),
+    };
+    TcpTarget {
+        name: target_name(&spec.route),
+        transport: Plaintext,
+        endpoints: RoundRobin::new(endpoints(&spec.route)),
+        connect_timeout,
+        idle_timeout,
+        counters: ByteCounters::new(direction_label(spec.key.direction), &spec.name),
+    }
+}
+
+fn direction_label(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Inbound => "inbound",
+        Direction::Outbound => "outbound",
+    }
+}
+
+// === Running listeners ===
+
+/// A bound listener, serving.
+#[derive(Debug)]
+struct Active {
+    spec: ListenerSpec,
+    addr: SocketAddr,
+    route: Route,
+    handle: ListenerHandle,
+}
+
+impl Active {
+    fn bound(&self) -> BoundListener {
+        BoundListener {
+            name: self.spec.name.clone(),
+            direction: self.spec.key.direction,
+            protocol: self.spec.key.protocol,
+            addr: self.addr,
+            target: match &self.spec.route {
+                RouteSpec::Inbound { app, .. } => app.to_string(),
+                RouteSpec::Outbound { service, .. } => service.clone(),
+            },
+        }
+    }
+}
+
+/// Starts serving on a bound socket.
+fn serve(
+    spec: &ListenerSpec,
+    tcp: TcpListener,
+    route: Route,
+    watch: &drain::Watch,
+    server: &ServerSettings,
+) -> Result<Active, BindError> {
+    let addr = tcp.local_addr().map_err(|error| BindError {
+        addr: spec.bind,
+        what: spec.name.clone(),
+        error,
+    })?;
+    let metrics = ConnectionMetrics::new(direction_label(spec.key.direction), &spec.name);
+    let handle = match &route {
+        Route::Http {
+            destination,
+            timeout,
+        } => {
+            let name = target_name(&spec.route);
+            let stack = match spec.key.direction {
+                Direction::Inbound => inbound::http_stack(name, destination.clone()),
+                Direction::Outbound => {
+                    outbound::http_stack(name, destination.clone(), timeout.clone())
+                }
+            };
+            listener::serve_http(
+                tcp,
+                spec.name.clone(),
+                metrics,
+                watch.clone(),
+                Plaintext,
+                stack,
+                server.clone(),
+            )
+        }
+        Route::Tcp(target) => listener::serve_tcp(
+            tcp,
+            spec.name.clone(),
+            metrics,
+            watch.clone(),
+            Plaintext,
+            target.clone(),
+        ),
+    };
+    Ok(Active {
+        spec: spec.clone(),
+        addr,
+        route,
+        handle,
+    })
+}
+
+/// Whether `new` needs the port `old` holds. An unspecified IP
+/// (`0.0.0.0`) overlaps every address of its family.
+fn needs_port_of(new: &ListenerSpec, old: &Active) -> bool {
+    let (a, b) = (new.bind.ip(), old.addr.ip());
+    let overlap = a == b
+        || (a.is_unspecified() || b.is_unspecified())
+            && matches!(
+                (a, b),
+                (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_))
+            );
+    new.bind.port() != 0 && new.bind.port() == old.addr.port() && overlap
+}
+
+/// The listeners a proxy runs, in configuration order.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    active: Vec<Active>,
+}
+
+impl Listeners {
+    pub fn bound(&self) -> Vec<BoundListener> {
+        self.active.iter().map(Active::bound).collect()
+    }
+
+    /// Changes the running listeners to `specs`. On error the listeners
+    /// are as they were (short of an old listener whose port could not be
+    /// bound again, which is logged).
+    pub async fn apply(
+        &mut self,
+        specs: &[ListenerSpec],
+        server: &ServerSettings,
+        watch: &drain::Watch,
+    ) -> Result<ApplySummary, ApplyError> {
+        let is_kept = |key: &ListenerKey| self.active.iter().any(|a| &a.spec.key == key);
+        let added: Vec<&ListenerSpec> = specs.iter().filter(|s| !is_kept(&s.key)).collect();
+        let removed: Vec<ListenerKey> = self
+            .active
+            .iter()
+            .filter(|a| !specs.iter().any(|s| s.key == a.spec.key))
+            .map(|a| a.spec.key.clone())
+            .collect();
+        let in_the_way: Vec<ListenerKey> = self
+            .active
+            .iter()
+            .filter(|a| removed.contains(&a.spec.key))
+            .filter(|a| added.iter().any(|s| needs_port_of(s, a)))
+            .map(|a| a.spec.key.clone())
+            .collect();
+        let waits = |s: &ListenerSpec| {
+            self.active
+                .iter()
+                .any(|a| in_the_way.contains(&a.spec.key) && needs_port_of(s, a))
+        };
+
+        // 1. Bind what can be bound now. Returning early drops the sockets
+        //    bound so far, which closes them: nothing has changed.
+        let (later, now): (Vec<&ListenerSpec>, Vec<&ListenerSpec>) =
+            added.into_iter().partition(|s| waits(s));
+        let mut sockets = Vec::new();
+        for spec in now {
+            sockets.push((spec, listener::bind(spec.bind, &spec.name).await?));
+        }
+
+        // 2. Free the ports removed listeners hold for new ones, then bind
+        //    those. On failure, bring the old listeners back.
+        let mut stopped = Vec::new();
+        for old in self.take(&in_the_way) {
+            old.handle.close().await;
+            stopped.push((old.spec, old.addr, old.route));
+        }
+        for spec in later {
+            match listener::bind(spec.bind, &spec.name).await {
+                Ok(tcp) => sockets.push((spec, tcp)),
+                Err(error) => {
+                    drop(sockets);
+                    self.restore(stopped, watch, server).await;
+                    return Err(error.into());
+                }
+            }
+        }
+        let mut summary = ApplySummary::default();
+        for (spec, addr, _) in &stopped {
+            tracing::info!(listener = %spec.name, %addr, "stopped listening (port reused)");
+            summary.removed.push(format!("{} {addr}", spec.name));
+        }
+        Ok(self.commit(specs, sockets, summary, server, watch).await)
+    }
+
+    /// Past the point of failure: serve the new sockets, swap the kept
+    /// listeners' routes, close the removed ones.
+    async fn commit(
+        &mut self,
+        specs: &[ListenerSpec],
+        sockets: Vec<(&ListenerSpec, TcpListener)>,
+        mut summary: ApplySummary,
+        server: &ServerSettings,
+        watch: &drain::Watch,
+    ) -> ApplySummary {
+        let gone: Vec<ListenerKey> = self
+            .active
+            .iter()
+            .filter(|a| !specs.iter().any(|s| s.key == a.spec.key))
+            .map(|a| a.spec.key.clone())
+            .collect();
+        for old in self.take(&gone) {
+            old.handle.close().await;
+            tracing::info!(listener = %old.spec.name, addr = %old.addr, "stopped listening");
+            summary
+                .removed
+                .push(format!("{} {}", old.spec.name, old.addr));
+        }
+        for active in &mut self.active {
+            let Some(spec) = specs.iter().find(|s| s.key == active.spec.key) else {
+                continue;
+            };
+            if *spec == active.spec {
+                summary.unchanged += 1;
+                continue;
+            }
+            active.route.update(spec, server);
+            tracing::info!(listener = %spec.name, addr = %active.addr, route = ?spec.route, "route updated");
+            summary
+                .updated
+                .push(format!("{} {}", spec.name, active.addr));
+            active.spec = spec.clone();
+        }
+        for (spec, tcp) in sockets {
+            match serve(spec, tcp, Route::new(spec, server), watch, server) {
+                Ok(active) => {
+                    tracing::info!(listener = %spec.name, addr = %active.addr, protocol = %spec.key.protocol, route = ?spec.route, "listening");
+                    summary.added.push(format!("{} {}", spec.name, active.addr));
+                    self.active.push(active);
+                }
+                // A socket that cannot say its own address is not usable;
+                // report it rather than serve blind.
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+        // Configuration order, so `/config` lists listeners as written.
+        let position = |a: &Active| specs.iter().position(|s| s.key == a.spec.key);
+        self.active.sort_by_key(position);
+        summary
+    }
+
+    /// Binds listeners again that were stopped to free their port, on
+    /// their old address and route.
+    async fn restore(
+        &mut self,
+        stopped: Vec<(ListenerSpec, SocketAddr, Route)>,
+        watch: &drain::Watch,
+        server: &ServerSettings,
+    ) {
+        for (spec, addr, route) in stopped {
+            let restored = match listener::bind(addr, &spec.name).await {
+                Ok(tcp) => serve(&spec, tcp, route, watch, server),
+                Err(e) => Err(e),
+            };
+            match restored {
+                Ok(active) => self.active.push(active),
+                Err(e) => tracing::error!(
+                    "listener {} is lost: it was stopped for a configuration that was then refused, and cannot listen again: {e}",
+                    spec.name
+                ),
+            }
+        }
+    }
+
+    /// Takes the listeners with these keys out of the running set.
+    fn take(&mut self, keys: &[ListenerKey]) -> Vec<Active> {
+        let (taken, kept) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|a| keys.contains(&a.spec.key));
+        self.active = kept;
+        taken
+    }
+}
