@@ -650,10 +650,9 @@ fn split_documents_checks_each_document_but_not_references() {
     assert!(!docs[0].yaml.contains("comment"));
     assert!(docs[0].yaml.contains("not-here"));
 
-    let bad = "apiVersion: outrigger.io/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {bogus: 1}\n";
-    let errors = split_documents("in.yaml", bad)
-        .unwrap_err()
-        .into_vec();
+    let bad =
+        "apiVersion: outrigger.io/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {bogus: 1}\n";
+    let errors = split_documents("in.yaml", bad).unwrap_err().into_vec();
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0].field.as_deref(), Some("spec.bogus"));
     assert!(errors[0].reason.contains("bogus"), "{}", errors[0].reason);

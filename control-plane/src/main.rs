@@ -1,37 +1,89 @@
-//! `outrigger`: the operator CLI.
-//!
-//! Today it validates policy files and runs a local demo mesh. The control
-//! plane server (`outrigger serve`) and the REST-backed verbs (apply, get,
-//! ...) arrive with the control-plane work.
+//! `outrigger`: the control plane server (`serve`) and the operator CLI.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod api;
+mod auth;
+mod client;
 mod demo;
+mod discovery;
+mod hub;
+mod metrics;
+mod resources;
+mod server;
+mod store;
+mod timefmt;
+
+use client::{Api, Connection, Output};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "outrigger",
     version,
-    about = "Outrigger service mesh: operator CLI"
+    about = "Outrigger service mesh: the control plane and the operator CLI"
 )]
 struct Cli {
+    #[command(flatten)]
+    connection: Connection,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the control plane: policy store, REST API, gRPC policy push.
+    Serve(ServeArgs),
+    /// Create or update resources from a YAML (or JSON) file, all or nothing.
+    Apply {
+        /// The file, or - for stdin.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Refuse (409) unless the current revision is this one.
+        #[arg(long, value_name = "N")]
+        expected_revision: Option<u64>,
+    },
+    /// Show resources: KIND is mesh, workload, service (svc),
+    /// trafficpolicy (tp), authorizationpolicy (authz), or all.
+    Get {
+        kind: String,
+        /// NAME or NAMESPACE/NAME.
+        name: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete a resource (refused if others still refer to it).
+    Delete {
+        kind: String,
+        /// NAME or NAMESPACE/NAME.
+        name: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// List revisions, or show one revision's changes as a diff.
+    History { revision: Option<u64> },
+    /// Go back to the policy of an earlier revision (as a new revision).
+    Rollback { revision: u64 },
+    /// Show every connected sidecar and whether it runs the latest policy.
+    ProxyStatus {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Write a consistent copy of the store (while the server runs) to FILE.
+    Backup { file: PathBuf },
     /// Check a policy file (multi-document YAML) and report every problem.
     Validate {
         /// The file to check.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
     },
-    /// Run a small mesh on loopback (two sidecars, two sample apps), show
-    /// what it does, and exit.
+    /// Run a small mesh on loopback, show what it does, and exit.
     Demo {
         /// Directory for the demo's files (default: a fresh temp directory,
         /// removed afterwards).
@@ -40,31 +92,147 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Where the store (store.redb) and the admin token live.
+    #[arg(long, env = "OUTRIGGER_DATA_DIR", default_value = "outrigger-data")]
+    data_dir: PathBuf,
+    /// gRPC for sidecars (policy discovery).
+    #[arg(long, env = "OUTRIGGER_GRPC_ADDR", default_value = "0.0.0.0:15010")]
+    grpc_addr: SocketAddr,
+    /// REST API for operators (bearer token).
+    #[arg(long, env = "OUTRIGGER_API_ADDR", default_value = "127.0.0.1:15011")]
+    api_addr: SocketAddr,
+    /// /live, /ready and /metrics.
+    #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "127.0.0.1:15014")]
+    admin_addr: SocketAddr,
+    /// Restore this backup into an empty data dir before serving.
+    #[arg(long, env = "OUTRIGGER_RESTORE", value_name = "FILE")]
+    restore: Option<PathBuf>,
+    /// How long a disconnected sidecar's endpoints stay (it may be
+    /// reconnecting), e.g. 10s.
+    #[arg(long, env = "OUTRIGGER_ENDPOINT_GRACE", default_value = "10s", value_parser = duration)]
+    endpoint_grace: Duration,
+    /// Log filter, e.g. info or outrigger=debug.
+    #[arg(long, env = "OUTRIGGER_LOG", default_value = "info")]
+    log: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    outrigger_config::parse_duration(s)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { file } => validate(&file),
-        Command::Demo { dir } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("outrigger: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(demo::run(dir)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("outrigger demo failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+    let result = match cli.command {
+        Command::Validate { file } => return validate(&file),
+        Command::Serve(args) => {
+            init_logging(&args.log);
+            runtime(2).and_then(|rt| rt.block_on(serve(args)))
+        }
+        Command::Demo { dir } => runtime(2)
+            .and_then(|rt| rt.block_on(demo::run(dir)))
+            .map_err(|e| e.context("outrigger demo failed")),
+        command => runtime(1).and_then(|rt| rt.block_on(client_command(&cli.connection, command))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
+}
+
+async fn client_command(connection: &Connection, command: Command) -> anyhow::Result<()> {
+    let api = Api::new(connection)?;
+    match command {
+        Command::Apply {
+            file,
+            expected_revision,
+        } => client::apply(&api, &file, expected_revision).await,
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+        } => client::get(&api, &kind, name.as_deref(), namespace.as_deref(), output).await,
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => client::delete(&api, &kind, &name, namespace.as_deref()).await,
+        Command::History { revision } => client::history(&api, revision).await,
+        Command::Rollback { revision } => client::rollback(&api, revision).await,
+        Command::ProxyStatus { output } => client::proxy_status(&api, output).await,
+        Command::Backup { file } => client::backup(&api, &file).await,
+        Command::Serve(_) | Command::Validate { .. } | Command::Demo { .. } => {
+            unreachable!("handled in main")
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let running = server::start(server::ServeOptions {
+        data_dir: args.data_dir,
+        grpc_addr: args.grpc_addr,
+        api_addr: args.api_addr,
+        admin_addr: args.admin_addr,
+        restore: args.restore,
+        endpoint_grace: args.endpoint_grace,
+    })
+    .await?;
+    // One machine-readable line on stdout: scripts and tests learn the
+    // bound ports (any of them may be port 0).
+    let line = serde_json::json!({
+        "event": "listening",
+        "grpc": running.grpc_addr,
+        "api": running.api_addr,
+        "admin": running.admin_addr,
+        "tokenFile": running.token_file,
+        "revision": running.control_plane.state().revision,
+    });
+    println!("{line}");
+    tracing::info!(grpc = %running.grpc_addr, api = %running.api_addr, admin = %running.admin_addr, "control plane serving");
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    // Every write is durable before it is acknowledged, so there is
+    // nothing to flush: stopping is just exiting.
+    tracing::info!(%signal, "exiting");
+    Ok(())
+}
+
+fn init_logging(filter: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("outrigger: bad --log filter {filter:?} ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn validate(file: &std::path::Path) -> ExitCode {

@@ -1,0 +1,572 @@
+//! The operator REST API (bearer token) and the admin endpoints.
+//!
+//! Bodies are YAML (multi-document, as `outrigger validate` reads) or JSON
+//! (one document, an array of documents, or a `List` with `items`).
+//! Responses are JSON, or YAML where asked for (`?output=yaml`). Errors are
+//! `{"error": "...", "details": [...]}` with the config crate's messages.
+//!
+//! ```text
+//! POST   /api/v1/apply[?expectedRevision=N]      create or update, all or nothing
+//! GET    /api/v1/resources[/KIND[/NAME]][?namespace=NS]
+//! DELETE /api/v1/resources/KIND/NAME[?namespace=NS]
+//! GET    /api/v1/revisions                       the log, newest first
+//! GET    /api/v1/revisions/N                     one revision with its diff
+//! POST   /api/v1/rollback  {"revision": N}       back to N, as a new revision
+//! GET    /api/v1/proxies                         connected sidecars
+//! GET    /api/v1/snapshots/NS/NAME               what a workload's sidecar is served
+//! GET    /api/v1/backup                          a consistent copy of the store
+//! ```
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use outrigger_config::{ConfigErrors, ResourceRef};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::hub::ProxyRecord;
+use crate::resources::{Key, PlanError, kind_named, line_diff, unknown_kind};
+use crate::server::{BACKUP_FORMAT, Backup, ControlPlane, Outcome, WriteError};
+use crate::store::{Change, Revision};
+use crate::timefmt;
+
+type Cp = Arc<ControlPlane>;
+
+pub fn router(cp: Cp) -> Router {
+    Router::new()
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/resources", get(list_all))
+        .route("/api/v1/resources/{kind}", get(list_kind))
+        .route(
+            "/api/v1/resources/{kind}/{name}",
+            get(get_one).delete(delete_one),
+        )
+        .route("/api/v1/revisions", get(revisions))
+        .route("/api/v1/revisions/{number}", get(revision))
+        .route("/api/v1/rollback", post(rollback))
+        .route("/api/v1/proxies", get(proxies))
+        .route("/api/v1/snapshots/{namespace}/{name}", get(snapshot))
+        .route("/api/v1/backup", get(backup))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API endpoint") })
+        .layer(middleware::from_fn_with_state(cp.clone(), require_token))
+        .layer(DefaultBodyLimit::max(16 * 1024 * 1024))
+        .with_state(cp)
+}
+
+pub fn admin_router(prometheus: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(|| async { "ready\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let body = prometheus.render();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }),
+        )
+}
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Vec<Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    fn invalid(errors: ConfigErrors) -> Self {
+        let details = errors
+            .iter()
+            .map(|e| {
+                json!({
+                    "source": e.source,
+                    "document": e.document,
+                    "resource": e.resource,
+                    "field": e.field,
+                    "reason": e.reason,
+                })
+            })
+            .collect();
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: errors.to_string(),
+            details,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if !self.details.is_empty() {
+            body["details"] = Value::Array(self.details);
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Plan(PlanError::BadRequest(m)) => Self::new(StatusCode::BAD_REQUEST, m),
+            WriteError::Plan(PlanError::Invalid(errors)) => Self::invalid(errors),
+            WriteError::Plan(PlanError::NotFound(m)) => Self::new(StatusCode::NOT_FOUND, m),
+            WriteError::Plan(PlanError::Stale(m)) => Self::new(StatusCode::CONFLICT, m),
+            WriteError::Store(e) => {
+                tracing::error!(error = %e, "store write failed");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+async fn require_token(State(cp): State<Cp>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if crate::auth::same(token, &cp.token) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing token: send Authorization: Bearer <token> (the server wrote it to <data-dir>/admin-token)",
+        )
+        .into_response(),
+    }
+}
+
+/// Who is asking, for the revision log: the name the CLI reports, or
+/// "admin" (the token's owner).
+fn author(headers: &HeaderMap) -> String {
+    let user: String = headers
+        .get("x-outrigger-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(64)
+        .collect();
+    if user.trim().is_empty() {
+        "admin".to_string()
+    } else {
+        user.trim().to_string()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ApplyQuery {
+    expected_revision: Option<u64>,
+}
+
+async fn apply(
+    State(cp): State<Cp>,
+    Query(query): Query<ApplyQuery>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let source = headers
+        .get("x-outrigger-source")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("request")
+        .to_string();
+    let text = std::str::from_utf8(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{source}: the body is not UTF-8 text: {e}"),
+        )
+    })?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    let yaml = if is_json {
+        json_to_yaml(&source, text)?
+    } else {
+        text.to_string()
+    };
+    let outcome = cp
+        .write(
+            &author(&headers),
+            "apply".to_string(),
+            query.expected_revision,
+            |state, _| state.plan_apply(&source, &yaml),
+        )
+        .await?;
+    Ok(outcome_response(outcome))
+}
+
+/// JSON bodies become the YAML stream the config crate reads.
+fn json_to_yaml(source: &str, text: &str) -> Result<String, ApiError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{source}: invalid JSON: {e}"),
+        )
+    })?;
+    let documents = match value {
+        Value::Array(items) => items,
+        Value::Object(ref map) if map.get("kind").and_then(Value::as_str) == Some("List") => {
+            match map.get("items") {
+                Some(Value::Array(items)) => items.clone(),
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("{source}: a List needs an items array"),
+                    ));
+                }
+            }
+        }
+        other => vec![other],
+    };
+    let mut out = Vec::new();
+    for document in &documents {
+        out.push(
+            serde_norway::to_string(document)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{source}: {e}")))?,
+        );
+    }
+    Ok(out.join("---\n"))
+}
+
+fn outcome_response(outcome: Outcome) -> Response {
+    match outcome {
+        Outcome::Unchanged { revision } => {
+            axum::Json(json!({ "revision": revision, "unchanged": true, "changes": [] }))
+                .into_response()
+        }
+        Outcome::Committed(revision) => axum::Json(json!({
+            "revision": revision.number,
+            "unchanged": false,
+            "changes": revision.changes.iter().map(change_summary).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+    }
+}
+
+fn change_summary(change: &Change) -> Value {
+    json!({
+        "op": change.op(),
+        "kind": change.kind,
+        "namespace": change.namespace,
+        "name": change.name,
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct GetQuery {
+    namespace: Option<String>,
+    output: Option<String>,
+}
+
+async fn list_all(
+    State(cp): State<Cp>,
+    Query(query): Query<GetQuery>,
+) -> Result<Response, ApiError> {
+    list(&cp, None, None, &query)
+}
+
+async fn list_kind(
+    State(cp): State<Cp>,
+    Path(kind): Path<String>,
+    Query(query): Query<GetQuery>,
+) -> Result<Response, ApiError> {
+    let kind = kind_named(&kind)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, unknown_kind(&kind)))?;
+    list(&cp, Some(kind), None, &query)
+}
+
+async fn get_one(
+    State(cp): State<Cp>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(query): Query<GetQuery>,
+) -> Result<Response, ApiError> {
+    let kind = kind_named(&kind)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, unknown_kind(&kind)))?;
+    list(&cp, Some(kind), Some(name), &query)
+}
+
+/// `NAME` with `?namespace=`, or `NAMESPACE/NAME` (URL-encoded slash).
+fn resource_key(kind: &'static str, name: &str, namespace: Option<&str>) -> Key {
+    if kind == "Mesh" {
+        return Key::new(kind, "", name);
+    }
+    match name.split_once('/') {
+        Some((ns, name)) => Key::new(kind, ns, name),
+        None => Key::new(
+            kind,
+            namespace.unwrap_or(outrigger_config::DEFAULT_NAMESPACE),
+            name,
+        ),
+    }
+}
+
+fn list(
+    cp: &ControlPlane,
+    kind: Option<&'static str>,
+    name: Option<String>,
+    query: &GetQuery,
+) -> Result<Response, ApiError> {
+    let state = cp.state();
+    let wanted = name
+        .as_deref()
+        .zip(kind)
+        .map(|(name, kind)| resource_key(kind, name, query.namespace.as_deref()));
+    let mut items: Vec<(&Key, &String)> = state
+        .resources
+        .iter()
+        .filter(|(k, _)| kind.is_none_or(|kind| k.kind == kind))
+        .filter(|(k, _)| match (&wanted, &query.namespace) {
+            (Some(w), _) => {
+                w.kind == k.kind
+                    && w.name == k.name
+                    && (w.kind == "Mesh" || w.namespace == k.namespace)
+            }
+            (None, Some(ns)) => &k.namespace == ns || k.kind == "Mesh",
+            (None, None) => true,
+        })
+        .collect();
+    // Kinds in dependency order (as `to_yaml` writes them), then by name.
+    items.sort_by_key(|(k, _)| {
+        (
+            outrigger_config::KINDS.iter().position(|x| *x == k.kind),
+            *k,
+        )
+    });
+    if let Some(w) = &wanted
+        && items.is_empty()
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("{w} not found"),
+        ));
+    }
+    if query.output.as_deref() == Some("yaml") {
+        let yaml = items
+            .iter()
+            .map(|(_, y)| y.as_str())
+            .collect::<Vec<_>>()
+            .join("---\n");
+        return Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response());
+    }
+    let mut documents = Vec::new();
+    for (key, yaml) in items {
+        let value: Value = serde_norway::from_str(yaml).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("stored {key} does not read back: {e}"),
+            )
+        })?;
+        documents.push(value);
+    }
+    Ok(axum::Json(json!({
+        "apiVersion": outrigger_config::API_VERSION,
+        "kind": "List",
+        "metadata": { "revision": state.revision },
+        "items": documents,
+    }))
+    .into_response())
+}
+
+async fn delete_one(
+    State(cp): State<Cp>,
+    Path((kind, name)): Path<(String, String)>,
+    Query(query): Query<GetQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kind = kind_named(&kind)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, unknown_kind(&kind)))?;
+    let key = resource_key(kind, &name, query.namespace.as_deref());
+    let action = format!("delete {key}");
+    let outcome = cp
+        .write(&author(&headers), action, None, |state, _| {
+            state.plan_delete(&key)
+        })
+        .await?;
+    Ok(outcome_response(outcome))
+}
+
+fn revision_json(revision: &Revision, with_diff: bool) -> Value {
+    let changes: Vec<Value> = revision
+        .changes
+        .iter()
+        .map(|c| {
+            let mut v = change_summary(c);
+            if with_diff {
+                v["diff"] = Value::String(line_diff(
+                    c.before.as_deref().unwrap_or(""),
+                    c.after.as_deref().unwrap_or(""),
+                ));
+            }
+            v
+        })
+        .collect();
+    json!({
+        "revision": revision.number,
+        "at": timefmt::from_unix_ms(revision.at_unix_ms),
+        "author": revision.author,
+        "action": revision.action,
+        "changes": changes,
+    })
+}
+
+async fn revisions(State(cp): State<Cp>) -> Result<Response, ApiError> {
+    let log = cp.revisions().await.map_err(store_error)?;
+    let items: Vec<Value> = log.iter().rev().map(|r| revision_json(r, false)).collect();
+    Ok(axum::Json(json!({ "revisions": items })).into_response())
+}
+
+async fn revision(State(cp): State<Cp>, Path(number): Path<u64>) -> Result<Response, ApiError> {
+    let log = cp.revisions().await.map_err(store_error)?;
+    let revision = log
+        .iter()
+        .find(|r| r.number == number)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no revision {number}")))?;
+    Ok(axum::Json(revision_json(revision, true)).into_response())
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store read failed");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RollbackBody {
+    revision: u64,
+    expected_revision: Option<u64>,
+}
+
+async fn rollback(
+    State(cp): State<Cp>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: RollbackBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"revision\": N}}: {e}"),
+        )
+    })?;
+    let target = body.revision;
+    let outcome = cp
+        .write(
+            &author(&headers),
+            format!("rollback to {target}"),
+            body.expected_revision,
+            |state, log| state.plan_rollback(log, target),
+        )
+        .await?;
+    Ok(outcome_response(outcome))
+}
+
+async fn proxies(State(cp): State<Cp>) -> Response {
+    let view = cp.hub.view();
+    let mut records = cp.hub.proxies();
+    records.sort_by(|a, b| (&a.workload, &a.proxy_id).cmp(&(&b.workload, &b.proxy_id)));
+    let items: Vec<Value> = records
+        .iter()
+        .map(|p| {
+            let expected = view.snapshot_for(&p.workload).map(|s| s.version.clone());
+            proxy_json(p, expected)
+        })
+        .collect();
+    axum::Json(json!({ "revision": view.revision, "proxies": items })).into_response()
+}
+
+fn proxy_json(p: &ProxyRecord, expected: Option<String>) -> Value {
+    let nacked_current = p
+        .last_nack
+        .as_ref()
+        .is_some_and(|n| Some(&n.version) == p.sent_version.as_ref());
+    let status = match (&expected, &p.acked_version) {
+        _ if p.disconnected_at.is_some() => "DISCONNECTED",
+        (None, _) => "UNKNOWN_WORKLOAD",
+        _ if nacked_current && p.acked_version != expected => "NACKED",
+        (Some(e), Some(a)) if e == a => "SYNCED",
+        _ => "STALE",
+    };
+    let mut endpoints: Vec<String> = p
+        .inbound
+        .iter()
+        .map(|(name, port)| {
+            format!(
+                "{name}={}",
+                std::net::SocketAddr::new(p.advertise_ip, *port)
+            )
+        })
+        .collect();
+    endpoints.sort();
+    json!({
+        "proxyId": p.proxy_id,
+        "workload": p.workload.to_string(),
+        "address": p.peer.to_string(),
+        "inbound": endpoints,
+        "proxyVersion": p.proxy_version,
+        "status": status,
+        "connectedSince": timefmt::rfc3339(p.connected_since),
+        "disconnectedAt": p.disconnected_at.map(timefmt::rfc3339),
+        "expectedVersion": expected,
+        "sentVersion": p.sent_version,
+        "ackedVersion": p.acked_version,
+        "ackedAt": p.acked_at.map(timefmt::rfc3339),
+        "lastNack": p.last_nack,
+    })
+}
+
+async fn snapshot(
+    State(cp): State<Cp>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let workload = ResourceRef::new(namespace, name);
+    let view = cp.hub.view();
+    let snapshot = view.snapshot_for(&workload).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no Workload {workload} in revision {}", view.revision),
+        )
+    })?;
+    Ok(axum::Json(json!({
+        "workload": workload.to_string(),
+        "version": snapshot.version,
+        "revision": snapshot.revision,
+        "yaml": snapshot.yaml,
+    }))
+    .into_response())
+}
+
+async fn backup(State(cp): State<Cp>) -> Result<Response, ApiError> {
+    // One read transaction: a consistent copy even while writes go on.
+    let revisions = cp.revisions().await.map_err(store_error)?;
+    let backup = Backup {
+        format: BACKUP_FORMAT.to_string(),
+        created_at: timefmt::rfc3339(std::time::SystemTime::now()),
+        revisions,
+    };
+    Ok(axum::Json(backup).into_response())
+}

@@ -1,0 +1,234 @@
+//! The gRPC policy-discovery service: one stream per sidecar.
+//!
+//! Per stream: read the first request (the node), register the sidecar,
+//! then loop over two events: a request from the sidecar (ACK or NACK of
+//! the last snapshot, with its bound inbound ports) and a new View (push
+//! the workload's snapshot if its version differs from the one last sent).
+//! See `config/proto/outrigger/discovery/v1/discovery.proto` for the
+//! protocol.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures_util::Stream;
+use outrigger_config::ResourceRef;
+use outrigger_config::proto::discovery::policy_discovery_server::{
+    PolicyDiscovery, PolicyDiscoveryServer,
+};
+use outrigger_config::proto::discovery::{DiscoveryRequest, Snapshot as SnapshotMsg};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::hub::{ConnId, Hub, Nack, ProxyRecord};
+
+pub struct Discovery {
+    hub: Arc<Hub>,
+}
+
+pub fn service(hub: Arc<Hub>) -> PolicyDiscoveryServer<Discovery> {
+    PolicyDiscoveryServer::new(Discovery { hub })
+        // Snapshots of big meshes can be large; the default 4 MiB is low.
+        .max_encoding_message_size(64 * 1024 * 1024)
+        .max_decoding_message_size(4 * 1024 * 1024)
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotMsg, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PolicyDiscovery for Discovery {
+    type StreamPolicyStream = SnapshotStream;
+
+    async fn stream_policy(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut requests = request.into_inner();
+        let first = requests
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before its first request"))?;
+        let record = record_from(&first, peer)?;
+        let running = first.version_info.clone();
+        tracing::info!(proxy = %record.proxy_id, workload = %record.workload, %peer, version = %running, "sidecar connected");
+
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        let id = hub.connect(record);
+        hub.update(id, |p| {
+            if !running.is_empty() {
+                // It runs a saved snapshot; if that is still current, no
+                // push will be needed.
+                p.sent_version = Some(running.clone());
+                p.acked_version = Some(running.clone());
+                p.acked_at = Some(SystemTime::now());
+            }
+        });
+        hub.set_inbound(id, inbound_ports(&first));
+        tokio::spawn(async move {
+            let outcome = session(&hub, id, requests, &tx).await;
+            let proxy = hub.update(id, |p| p.proxy_id.clone()).unwrap_or_default();
+            match outcome {
+                Ok(()) => tracing::info!(%proxy, "sidecar disconnected"),
+                Err(e) => tracing::info!(%proxy, error = %e, "sidecar stream ended"),
+            }
+            hub.disconnect(id);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn record_from(first: &DiscoveryRequest, peer: SocketAddr) -> Result<ProxyRecord, Status> {
+    let node = first
+        .node
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
+    let workload = match node.workload.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => ResourceRef::new(ns, name),
+        None if !node.workload.is_empty() => {
+            ResourceRef::new(outrigger_config::DEFAULT_NAMESPACE, node.workload.as_str())
+        }
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "node.workload {:?} is not NAME or NAMESPACE/NAME",
+                node.workload
+            )));
+        }
+    };
+    if node.proxy_id.is_empty() {
+        return Err(Status::invalid_argument("node.proxy_id is required"));
+    }
+    let advertise_ip = if node.advertise_ip.is_empty() {
+        peer.ip()
+    } else {
+        node.advertise_ip.parse::<IpAddr>().map_err(|e| {
+            Status::invalid_argument(format!(
+                "node.advertise_ip {:?} is not an IP address: {e}",
+                node.advertise_ip
+            ))
+        })?
+    };
+    Ok(ProxyRecord {
+        proxy_id: node.proxy_id.clone(),
+        workload,
+        peer,
+        advertise_ip,
+        proxy_version: node.proxy_version.clone(),
+        connected_since: SystemTime::now(),
+        disconnected_at: None,
+        inbound: Vec::new(),
+        sent_version: None,
+        sent_nonce: None,
+        sent_at: None,
+        acked_version: None,
+        acked_at: None,
+        last_nack: None,
+    })
+}
+
+fn inbound_ports(request: &DiscoveryRequest) -> Vec<(String, u16)> {
+    let mut ports: Vec<(String, u16)> = request
+        .inbound
+        .iter()
+        .filter_map(|p| Some((p.listener.clone(), u16::try_from(p.port).ok()?)))
+        .collect();
+    ports.sort();
+    ports
+}
+
+async fn session(
+    hub: &Hub,
+    id: ConnId,
+    mut requests: Streaming<DiscoveryRequest>,
+    tx: &mpsc::Sender<Result<SnapshotMsg, Status>>,
+) -> Result<(), Status> {
+    let mut views = hub.subscribe();
+    let mut nonce_counter: u64 = 0;
+    // Push whatever the current View holds for this sidecar.
+    views.mark_changed();
+    loop {
+        tokio::select! {
+            changed = views.changed() => {
+                if changed.is_err() {
+                    return Ok(()); // the server is shutting down
+                }
+                let view = views.borrow_and_update().clone();
+                let Some((workload, sent)) = hub.update(id, |p| (p.workload.clone(), p.sent_version.clone())) else {
+                    return Ok(());
+                };
+                let Some(snapshot) = view.snapshot_for(&workload) else {
+                    continue; // not defined (yet): wait for a revision that defines it
+                };
+                if sent.as_deref() == Some(snapshot.version.as_str()) {
+                    continue;
+                }
+                nonce_counter += 1;
+                let nonce = format!("{id}-{nonce_counter}");
+                hub.update(id, |p| {
+                    p.sent_version = Some(snapshot.version.clone());
+                    p.sent_nonce = Some(nonce.clone());
+                    p.sent_at = Some(Instant::now());
+                });
+                let message = SnapshotMsg {
+                    version_info: snapshot.version.clone(),
+                    nonce,
+                    revision: snapshot.revision,
+                    workload: workload.to_string(),
+                    yaml: snapshot.yaml.clone(),
+                };
+                metrics::counter!("outrigger_cp_pushes_total").increment(1);
+                if tx.send(Ok(message)).await.is_err() {
+                    return Ok(()); // the sidecar went away
+                }
+            }
+            request = requests.message() => {
+                let Some(request) = request? else {
+                    return Ok(());
+                };
+                handle_response(hub, id, &request);
+            }
+        }
+    }
+}
+
+/// An ACK or NACK. One answering an older snapshot than the last sent is
+/// stale and ignored, as in xDS: a newer snapshot is already on its way.
+fn handle_response(hub: &Hub, id: ConnId, request: &DiscoveryRequest) {
+    let latest = hub.update(id, |p| p.sent_nonce.clone()).flatten();
+    if latest.as_deref() != Some(request.response_nonce.as_str()) {
+        tracing::debug!(nonce = %request.response_nonce, "stale response ignored");
+        return;
+    }
+    if request.error_detail.is_empty() {
+        hub.update(id, |p| {
+            if let Some(sent_at) = p.sent_at.take() {
+                metrics::histogram!(crate::metrics::PUSH_ACK_SECONDS)
+                    .record(sent_at.elapsed().as_secs_f64());
+            }
+            p.acked_version = Some(request.version_info.clone());
+            p.acked_at = Some(SystemTime::now());
+        });
+        metrics::counter!("outrigger_cp_acks_total").increment(1);
+        hub.set_inbound(id, inbound_ports(request));
+    } else {
+        let version = hub.update(id, |p| {
+            p.sent_at = None;
+            let version = p.sent_version.clone().unwrap_or_default();
+            p.last_nack = Some(Nack {
+                version: version.clone(),
+                reason: request.error_detail.clone(),
+                at: SystemTime::now(),
+            });
+            (p.proxy_id.clone(), p.workload.clone(), version)
+        });
+        if let Some((proxy, workload, version)) = version {
+            tracing::warn!(%proxy, %workload, %version, reason = %request.error_detail, "sidecar NACKed its snapshot");
+        }
+        metrics::counter!("outrigger_cp_nacks_total").increment(1);
+    }
+}

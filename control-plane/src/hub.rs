@@ -1,0 +1,418 @@
+//! What sidecars see: the current policy plus the endpoints that connected
+//! sidecars registered, published as one immutable [`View`] on a watch
+//! channel; and the record of every connected sidecar (proxy status).
+//!
+//! A new View is published on every policy revision and every change in
+//! registered endpoints. Each sidecar's stream task wakes up, asks the
+//! View for its workload's snapshot (built once per workload per View and
+//! shared), and pushes it only if its version differs from what that
+//! sidecar runs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use outrigger_config::{Endpoint, MeshConfig, ResourceRef};
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// One workload's snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// A digest of `yaml`.
+    pub version: String,
+    pub revision: u64,
+    pub yaml: String,
+}
+
+/// An immutable picture of everything sidecars are served.
+#[derive(Debug)]
+pub struct View {
+    pub revision: u64,
+    pub config: Arc<MeshConfig>,
+    /// Service → endpoints registered by sidecars serving it.
+    pub registered: BTreeMap<ResourceRef, BTreeSet<SocketAddr>>,
+    /// Built on first use; `None` for a workload the policy does not define.
+    snapshots: Mutex<HashMap<ResourceRef, Option<Arc<Snapshot>>>>,
+}
+
+impl View {
+    fn new(
+        revision: u64,
+        config: Arc<MeshConfig>,
+        registered: BTreeMap<ResourceRef, BTreeSet<SocketAddr>>,
+    ) -> Self {
+        Self {
+            revision,
+            config,
+            registered,
+            snapshots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The snapshot for `workload`; `None` when the policy does not
+    /// define it (yet).
+    pub fn snapshot_for(&self, workload: &ResourceRef) -> Option<Arc<Snapshot>> {
+        let mut cache = lock(&self.snapshots);
+        cache
+            .entry(workload.clone())
+            .or_insert_with(|| {
+                build_snapshot(&self.config, &self.registered, workload).map(|yaml| {
+                    Arc::new(Snapshot {
+                        version: digest(yaml.as_bytes()),
+                        revision: self.revision,
+                        yaml,
+                    })
+                })
+            })
+            .clone()
+    }
+}
+
+/// Everything that concerns one workload, as a validated config of its
+/// own: the Mesh, the Workload, the Services it calls (static plus
+/// registered endpoints) and serves (without endpoints: a sidecar never
+/// calls itself through them, and leaving them out spares every replica a
+/// push whenever a sibling comes or goes), their TrafficPolicies, and the
+/// AuthorizationPolicies that select it.
+fn build_snapshot(
+    config: &MeshConfig,
+    registered: &BTreeMap<ResourceRef, BTreeSet<SocketAddr>>,
+    id: &ResourceRef,
+) -> Option<String> {
+    let workload = config.workloads.iter().find(|w| &w.id == id)?;
+    let mut services = BTreeMap::new();
+    for listener in &workload.outbound {
+        let Some(service) = config.service(&listener.service) else {
+            continue;
+        };
+        let mut service = service.clone();
+        let mut addrs: BTreeSet<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
+        if let Some(more) = registered.get(&service.id) {
+            addrs.extend(more.iter().copied());
+        }
+        service.endpoints = addrs
+            .into_iter()
+            .map(|address| Endpoint { address })
+            .collect();
+        services.insert(service.id.clone(), service);
+    }
+    for served in workload.inbound.iter().filter_map(|l| l.service.as_ref()) {
+        if services.contains_key(served) {
+            continue;
+        }
+        if let Some(service) = config.service(served) {
+            let mut service = service.clone();
+            service.endpoints.clear();
+            services.insert(service.id.clone(), service);
+        }
+    }
+    let traffic_policies = config
+        .traffic_policies
+        .iter()
+        .filter(|p| workload.outbound.iter().any(|l| l.service == p.service))
+        .cloned()
+        .collect();
+    let subset = MeshConfig {
+        mesh: config.mesh.clone(),
+        workloads: vec![workload.clone()],
+        services: services.into_values().collect(),
+        traffic_policies,
+        authorization_policies: config.authorization_policies_for(id).cloned().collect(),
+    };
+    Some(outrigger_config::to_yaml(&subset))
+}
+
+/// FNV-1a, as the sidecar uses for file versions: stable and cheap (not a
+/// security boundary).
+pub fn digest(bytes: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// A connected (or recently disconnected) sidecar.
+#[derive(Debug, Clone)]
+pub struct ProxyRecord {
+    pub proxy_id: String,
+    pub workload: ResourceRef,
+    /// Where the stream comes from.
+    pub peer: SocketAddr,
+    /// Where its inbound listeners are reached.
+    pub advertise_ip: IpAddr,
+    pub proxy_version: String,
+    pub connected_since: SystemTime,
+    /// Set when the stream ended; its endpoints stay for the grace period.
+    pub disconnected_at: Option<SystemTime>,
+    /// Inbound listener name → bound port, as last reported.
+    pub inbound: Vec<(String, u16)>,
+    pub sent_version: Option<String>,
+    pub sent_nonce: Option<String>,
+    pub sent_at: Option<Instant>,
+    pub acked_version: Option<String>,
+    pub acked_at: Option<SystemTime>,
+    pub last_nack: Option<Nack>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nack {
+    pub version: String,
+    pub reason: String,
+    #[serde(serialize_with = "crate::timefmt::serialize")]
+    pub at: SystemTime,
+}
+
+/// A sidecar's stream, from the registry's point of view.
+pub type ConnId = u64;
+
+struct Registry {
+    next: ConnId,
+    proxies: BTreeMap<ConnId, ProxyRecord>,
+}
+
+/// The shared state of the discovery service.
+pub struct Hub {
+    policy: Mutex<(u64, Arc<MeshConfig>)>,
+    registry: Mutex<Registry>,
+    views: watch::Sender<Arc<View>>,
+    /// How long a disconnected sidecar's endpoints stay (it may be
+    /// reconnecting).
+    pub grace: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind,
+    // still consistent enough to serve; do not take the server down too.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    pub fn new(revision: u64, config: Arc<MeshConfig>, grace: Duration) -> Arc<Self> {
+        let view = View::new(revision, config.clone(), BTreeMap::new());
+        let (views, _) = watch::channel(Arc::new(view));
+        Arc::new(Self {
+            policy: Mutex::new((revision, config)),
+            registry: Mutex::new(Registry {
+                next: 1,
+                proxies: BTreeMap::new(),
+            }),
+            views,
+            grace,
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
+        self.views.subscribe()
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.views.borrow().clone()
+    }
+
+    /// A new policy revision: every sidecar it concerns gets a push.
+    pub fn set_policy(&self, revision: u64, config: Arc<MeshConfig>) {
+        *lock(&self.policy) = (revision, config);
+        self.publish(true);
+    }
+
+    /// Builds and publishes a new View; with `force` false only when the
+    /// registered endpoints changed.
+    fn publish(&self, force: bool) {
+        let (revision, config) = lock(&self.policy).clone();
+        let registered = {
+            let registry = lock(&self.registry);
+            registered_endpoints(&config, registry.proxies.values())
+        };
+        if !force && self.views.borrow().registered == registered {
+            return;
+        }
+        self.views
+            .send_replace(Arc::new(View::new(revision, config, registered)));
+    }
+
+    /// A new stream from a sidecar. A previous, disconnected record of the
+    /// same sidecar is replaced.
+    pub fn connect(&self, mut record: ProxyRecord) -> ConnId {
+        let id = {
+            let mut registry = lock(&self.registry);
+            registry
+                .proxies
+                .retain(|_, p| !(p.proxy_id == record.proxy_id && p.disconnected_at.is_some()));
+            let id = registry.next;
+            registry.next += 1;
+            record.disconnected_at = None;
+            registry.proxies.insert(id, record);
+            id
+        };
+        metrics::gauge!("outrigger_cp_connected_proxies").increment(1.0);
+        id
+    }
+
+    /// Updates a record (what was sent, acked, ...).
+    pub fn update<R>(&self, id: ConnId, f: impl FnOnce(&mut ProxyRecord) -> R) -> Option<R> {
+        lock(&self.registry).proxies.get_mut(&id).map(f)
+    }
+
+    /// The sidecar reported its bound inbound listeners.
+    pub fn set_inbound(&self, id: ConnId, inbound: Vec<(String, u16)>) {
+        let changed = self
+            .update(id, |p| {
+                let changed = p.inbound != inbound;
+                p.inbound = inbound;
+                changed
+            })
+            .unwrap_or(false);
+        if changed {
+            self.publish(false);
+        }
+    }
+
+    /// The stream ended: the sidecar's endpoints stay for the grace period
+    /// (unless it reconnects), then go.
+    pub fn disconnect(self: &Arc<Self>, id: ConnId) {
+        let had = self
+            .update(id, |p| p.disconnected_at = Some(SystemTime::now()))
+            .is_some();
+        if !had {
+            return;
+        }
+        metrics::gauge!("outrigger_cp_connected_proxies").decrement(1.0);
+        let hub = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(hub.grace).await;
+            let removed = {
+                let mut registry = lock(&hub.registry);
+                match registry.proxies.get(&id) {
+                    Some(p) if p.disconnected_at.is_some() => {
+                        registry.proxies.remove(&id).is_some()
+                    }
+                    _ => false,
+                }
+            };
+            if removed {
+                hub.publish(false);
+            }
+        });
+    }
+
+    pub fn proxies(&self) -> Vec<ProxyRecord> {
+        lock(&self.registry).proxies.values().cloned().collect()
+    }
+}
+
+fn registered_endpoints<'a>(
+    config: &MeshConfig,
+    proxies: impl Iterator<Item = &'a ProxyRecord>,
+) -> BTreeMap<ResourceRef, BTreeSet<SocketAddr>> {
+    let mut out: BTreeMap<ResourceRef, BTreeSet<SocketAddr>> = BTreeMap::new();
+    for proxy in proxies {
+        let Some(workload) = config.workloads.iter().find(|w| w.id == proxy.workload) else {
+            continue;
+        };
+        for (name, port) in &proxy.inbound {
+            let served = workload
+                .inbound
+                .iter()
+                .find(|l| &l.name == name)
+                .and_then(|l| l.service.clone());
+            if let Some(service) = served {
+                out.entry(service)
+                    .or_default()
+                    .insert(SocketAddr::new(proxy.advertise_ip, *port));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const MESH: &str = "\
+apiVersion: outrigger.io/v1alpha1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {endpoints: [{address: '10.0.0.1:80'}]}
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {}
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {name: web, namespace: shop}
+spec: {inbound: [{name: http, port: 0, appPort: 1, service: web}], outbound: [{port: 0, service: api}]}
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {name: api, namespace: shop}
+spec: {inbound: [{name: http, port: 0, appPort: 1, service: api}]}
+---
+apiVersion: outrigger.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api, namespace: shop}
+spec: {service: api}
+";
+
+    fn record(workload: &str, proxy_id: &str) -> ProxyRecord {
+        ProxyRecord {
+            proxy_id: proxy_id.into(),
+            workload: ResourceRef::new("shop", workload),
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            advertise_ip: "127.0.0.2".parse().unwrap(),
+            proxy_version: "t".into(),
+            connected_since: SystemTime::now(),
+            disconnected_at: None,
+            inbound: Vec::new(),
+            sent_version: None,
+            sent_nonce: None,
+            sent_at: None,
+            acked_version: None,
+            acked_at: None,
+            last_nack: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshots_carry_what_concerns_the_workload_and_registered_endpoints() {
+        let config = Arc::new(outrigger_config::load_str("t", MESH).unwrap());
+        let hub = Hub::new(1, config, Duration::from_secs(60));
+        let web = ResourceRef::new("shop", "web");
+        let first = hub.view().snapshot_for(&web).unwrap();
+        let loaded = outrigger_config::load_str("snapshot", &first.yaml).unwrap();
+        assert_eq!(loaded.workloads.len(), 1);
+        assert_eq!(loaded.traffic_policies.len(), 1);
+        assert_eq!(loaded.services.len(), 2);
+        assert!(
+            hub.view()
+                .snapshot_for(&ResourceRef::new("shop", "nope"))
+                .is_none()
+        );
+
+        // An api sidecar registers: web's snapshot gains the endpoint.
+        let api = hub.connect(record("api", "api-1"));
+        hub.set_inbound(api, vec![("http".into(), 4143)]);
+        let second = hub.view().snapshot_for(&web).unwrap();
+        assert_ne!(first.version, second.version);
+        assert!(second.yaml.contains("127.0.0.2:4143"), "{}", second.yaml);
+
+        // A web sidecar registering changes nothing for web itself (its
+        // own Service is carried without endpoints).
+        let before = hub.view().snapshot_for(&web).unwrap();
+        let w = hub.connect(record("web", "web-1"));
+        hub.set_inbound(w, vec![("http".into(), 4200)]);
+        assert_eq!(
+            hub.view().snapshot_for(&web).unwrap().version,
+            before.version
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! `outrigger serve`: the control plane process.
+//!
+//! Three listeners: gRPC for sidecars (policy discovery), REST for
+//! operators (bearer token), and admin (`/live`, `/ready`, `/metrics`).
+//! Writes go through [`ControlPlane`], one at a time: plan against the
+//! current state, append the revision durably, then publish it to the
+//! sidecars.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use crate::hub::Hub;
+use crate::resources::{Plan, PlanError, PolicyState};
+use crate::store::{Change, RedbStore, Revision, Store, StoreError};
+use crate::{api, auth, discovery, timefmt};
+
+/// The store's file inside the data dir.
+pub const STORE_FILE: &str = "store.redb";
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// A backup to restore into an empty data dir before serving.
+    pub restore: Option<PathBuf>,
+    /// How long a disconnected sidecar's endpoints stay registered.
+    pub endpoint_grace: Duration,
+}
+
+/// The policy store and its current state; all writes go through here.
+pub struct ControlPlane {
+    store: Arc<dyn Store>,
+    state: ArcSwap<PolicyState>,
+    /// One writer at a time: plan, append, publish.
+    writer: tokio::sync::Mutex<()>,
+    pub hub: Arc<Hub>,
+    pub token: String,
+}
+
+/// What a write did.
+pub enum Outcome {
+    Unchanged { revision: u64 },
+    Committed(Revision),
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ControlPlane {
+    pub fn open(
+        store: Arc<dyn Store>,
+        token: String,
+        grace: Duration,
+    ) -> anyhow::Result<Arc<Self>> {
+        let revisions = store.all()?;
+        let state = PolicyState::replay(&revisions)?;
+        let hub = Hub::new(state.revision, state.config.clone(), grace);
+        metrics::gauge!("outrigger_cp_revision").set(state.revision as f64);
+        Ok(Arc::new(Self {
+            store,
+            state: ArcSwap::from_pointee(state),
+            writer: tokio::sync::Mutex::new(()),
+            hub,
+            token,
+        }))
+    }
+
+    pub fn state(&self) -> Arc<PolicyState> {
+        self.state.load_full()
+    }
+
+    /// Every revision, read from the store in one consistent view.
+    pub async fn revisions(&self) -> Result<Vec<Revision>, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.all())
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    /// Plans a change with `plan` and, if it changes anything, writes it
+    /// as the next revision. With `expected`, refuses (stale) unless the
+    /// current revision is that one.
+    pub async fn write(
+        &self,
+        author: &str,
+        action: String,
+        expected: Option<u64>,
+        plan: impl FnOnce(&PolicyState, &[Revision]) -> Result<Option<Plan>, PlanError>,
+    ) -> Result<Outcome, WriteError> {
+        let _writer = self.writer.lock().await;
+        let current = self.state.load_full();
+        if let Some(expected) = expected
+            && expected != current.revision
+        {
+            return Err(PlanError::Stale(format!(
+                "the change was based on revision {expected}, but the current revision is {}; \
+                 fetch the current policy and apply again",
+                current.revision
+            ))
+            .into());
+        }
+        // Only rollbacks need the log; reading it is cheap next to a write.
+        let log = self.revisions().await?;
+        let Some(plan) = plan(&current, &log)? else {
+            return Ok(Outcome::Unchanged {
+                revision: current.revision,
+            });
+        };
+        let revision = Revision {
+            number: current.revision + 1,
+            at_unix_ms: timefmt::now_unix_ms(),
+            author: author.to_string(),
+            action,
+            changes: plan.changes.clone(),
+        };
+        let store = self.store.clone();
+        let to_append = revision.clone();
+        tokio::task::spawn_blocking(move || store.append(&to_append))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))??;
+        // Durable now: only then does anyone see it.
+        let next = current.after(revision.number, plan);
+        self.hub.set_policy(next.revision, next.config.clone());
+        self.state.store(Arc::new(next));
+        metrics::gauge!("outrigger_cp_revision").set(revision.number as f64);
+        tracing::info!(
+            revision = revision.number,
+            author = %revision.author,
+            action = %revision.action,
+            changes = %summary(&revision.changes),
+            "policy revision committed"
+        );
+        Ok(Outcome::Committed(revision))
+    }
+}
+
+fn summary(changes: &[Change]) -> String {
+    changes
+        .iter()
+        .map(|c| {
+            let ns = if c.namespace.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", c.namespace)
+            };
+            format!("{} {} {}{}", c.op(), c.kind, ns, c.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A started control plane.
+pub struct Running {
+    pub control_plane: Arc<ControlPlane>,
+    pub grpc_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub token_file: PathBuf,
+}
+
+pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
+    let prometheus = crate::metrics::install();
+    std::fs::create_dir_all(&options.data_dir)
+        .with_context(|| format!("cannot create data dir {}", options.data_dir.display()))?;
+    let store_path = options.data_dir.join(STORE_FILE);
+    let store = RedbStore::open(&store_path)?;
+    if let Some(backup) = &options.restore {
+        restore(&store, backup)?;
+    }
+    let token = auth::load_or_create(&options.data_dir)?;
+    let control_plane = ControlPlane::open(Arc::new(store), token, options.endpoint_grace)?;
+    tracing::info!(
+        revision = control_plane.state().revision,
+        store = %store_path.display(),
+        "policy loaded"
+    );
+
+    let grpc = bind(options.grpc_addr, "gRPC (sidecars)").await?;
+    let api = bind(options.api_addr, "REST API (operators)").await?;
+    let admin = bind(options.admin_addr, "admin").await?;
+    let (grpc_addr, api_addr, admin_addr) =
+        (grpc.local_addr()?, api.local_addr()?, admin.local_addr()?);
+
+    let hub = control_plane.hub.clone();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(discovery::service(hub))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    });
+    let router = api::router(control_plane.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(api, router).await {
+            tracing::error!(error = %e, "REST API server stopped");
+        }
+    });
+    let admin_router = api::admin_router(prometheus);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, admin_router).await {
+            tracing::error!(error = %e, "admin server stopped");
+        }
+    });
+    Ok(Running {
+        control_plane,
+        grpc_addr,
+        api_addr,
+        admin_addr,
+        token_file: options.data_dir.join(auth::TOKEN_FILE),
+    })
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+/// What `outrigger backup` writes: the whole log, which is all there is.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Backup {
+    pub format: String,
+    pub created_at: String,
+    pub revisions: Vec<Revision>,
+}
+
+pub const BACKUP_FORMAT: &str = "outrigger-backup/v1";
+
+fn restore(store: &RedbStore, path: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read(path).with_context(|| format!("cannot read backup {}", path.display()))?;
+    let backup: Backup = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not an Outrigger backup", path.display()))?;
+    anyhow::ensure!(
+        backup.format == BACKUP_FORMAT,
+        "{}: unsupported backup format {:?} (expected {BACKUP_FORMAT:?})",
+        path.display(),
+        backup.format
+    );
+    // Refuse a backup whose policy would not load before writing anything.
+    PolicyState::replay(&backup.revisions)
+        .with_context(|| format!("{}: the backup's policy does not load", path.display()))?;
+    store
+        .import(&backup.revisions)
+        .with_context(|| format!("cannot restore {}", path.display()))?;
+    tracing::info!(backup = %path.display(), revisions = backup.revisions.len(), created = %backup.created_at, "restored");
+    Ok(())
+}
