@@ -399,17 +399,17 @@ fn serve(
     })
 }
 
-/// Whether `new` needs the port `old` holds. An unspecified IP
-/// (`0.0.0.0`) overlaps every address of its family.
+/// Whether `new` needs the port `old` holds.
 fn needs_port_of(new: &ListenerSpec, old: &Active) -> bool {
-    let (a, b) = (new.bind.ip(), old.addr.ip());
-    let overlap = a == b
-        || (a.is_unspecified() || b.is_unspecified())
-            && matches!(
-                (a, b),
-                (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_))
-            );
-    new.bind.port() != 0 && new.bind.port() == old.addr.port() && overlap
+    new.bind.port() != 0
+        && new.bind.port() == old.addr.port()
+        && ips_overlap(new.bind.ip(), old.addr.ip())
+}
+
+/// Whether sockets bound on the same port at `a` and `b` would clash. An
+/// unspecified IP (`0.0.0.0`, `::`) overlaps every address of its family.
+fn ips_overlap(a: IpAddr, b: IpAddr) -> bool {
+    a == b || (a.is_unspecified() || b.is_unspecified()) && a.is_ipv4() == b.is_ipv4()
 }
 
 /// The listeners a proxy runs, in configuration order.
@@ -573,5 +573,221 @@ impl Listeners {
             .partition(|a| keys.contains(&a.spec.key));
         self.active = kept;
         taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn options() -> ProxyOptions {
+        ProxyOptions {
+            config_path: None,
+            workload: "shop/web".to_string(),
+            admin_addr: SocketAddr::new(LOCALHOST, 0),
+            inbound_ip: LOCALHOST,
+            outbound_ip: LOCALHOST,
+            app_ip: LOCALHOST,
+            server: ServerSettings::default(),
+        }
+    }
+
+    /// Workload shop/web with one inbound listener, `outbound` as its
+    /// outbound list, and services api (http) and db (tcp).
+    fn specs(inbound: &str, outbound: &str, api_endpoint: &str) -> Vec<ListenerSpec> {
+        let yaml = format!(
+            r#"apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {{name: web, namespace: shop}}
+spec:
+  inbound: [{inbound}]
+  outbound: [{outbound}]
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Service
+metadata: {{name: api, namespace: shop}}
+spec:
+  endpoints: [{{address: "{api_endpoint}"}}]
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Service
+metadata: {{name: db, namespace: shop}}
+spec:
+  protocol: tcp
+  endpoints: [{{address: "127.0.0.1:5432"}}]
+"#
+        );
+        let loaded = crate::app::load_str("test", &yaml, "shop/web").expect("valid config");
+        listener_specs(&options(), &loaded).expect("specs")
+    }
+
+    const MAIN: &str = "{name: main, port: 0, appPort: 9}";
+
+    async fn apply(
+        listeners: &mut Listeners,
+        specs: &[ListenerSpec],
+        watch: &drain::Watch,
+    ) -> Result<ApplySummary, ApplyError> {
+        listeners
+            .apply(specs, &ServerSettings::default(), watch)
+            .await
+    }
+
+    fn addr_of(listeners: &Listeners, name: &str) -> SocketAddr {
+        listeners
+            .bound()
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.addr)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", listeners.bound()))
+    }
+
+    fn api_endpoints(listeners: &Listeners) -> Vec<SocketAddr> {
+        let Some(Route::Http { destination, .. }) = listeners
+            .active
+            .iter()
+            .find(|a| a.spec.name == "outbound/shop/api")
+            .map(|a| &a.route)
+        else {
+            panic!("no HTTP route for outbound/shop/api");
+        };
+        destination
+            .load()
+            .endpoints()
+            .iter()
+            .map(|c| c.addr())
+            .collect()
+    }
+
+    #[test]
+    fn keys_tell_apart_listeners_otherwise_equal() {
+        let specs = specs(
+            MAIN,
+            "{port: 0, service: api}, {port: 0, service: api}, {port: 0, service: db}",
+            "127.0.0.1:8080",
+        );
+        let ordinals: Vec<(&str, usize)> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.key.ordinal))
+            .collect();
+        assert_eq!(
+            ordinals,
+            [
+                ("inbound/main", 0),
+                ("outbound/shop/api", 0),
+                ("outbound/shop/api", 1),
+                ("outbound/shop/db", 0)
+            ]
+        );
+        assert_eq!(specs[3].key.protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn unspecified_ips_overlap_their_own_family_only() {
+        let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let any6: IpAddr = "::".parse().expect("ip");
+        assert!(ips_overlap(LOCALHOST, LOCALHOST));
+        assert!(ips_overlap(any4, LOCALHOST));
+        assert!(ips_overlap(LOCALHOST, any4));
+        assert!(!ips_overlap(any6, LOCALHOST));
+        assert!(!ips_overlap(LOCALHOST, "10.0.0.1".parse().expect("ip")));
+    }
+
+    #[tokio::test]
+    async fn kept_listeners_keep_their_port_and_swap_their_route() {
+        let (_drain, watch) = drain::channel();
+        let mut listeners = Listeners::default();
+        let first = specs(MAIN, "{port: 0, service: api}", "127.0.0.1:8080");
+        let summary = apply(&mut listeners, &first, &watch)
+            .await
+            .expect("applies");
+        assert_eq!(summary.added.len(), 2, "{summary:?}");
+        let api = addr_of(&listeners, "outbound/shop/api");
+        assert_ne!(api.port(), 0);
+
+        let same = apply(&mut listeners, &first, &watch)
+            .await
+            .expect("applies");
+        assert_eq!((same.unchanged, same.updated.len()), (2, 0), "{same:?}");
+
+        let second = specs(MAIN, "{port: 0, service: api}", "127.0.0.1:8081");
+        let summary = apply(&mut listeners, &second, &watch)
+            .await
+            .expect("applies");
+        assert!(
+            summary.added.is_empty() && summary.removed.is_empty(),
+            "{summary:?}"
+        );
+        assert_eq!(summary.updated, [format!("outbound/shop/api {api}")]);
+        assert_eq!(addr_of(&listeners, "outbound/shop/api"), api);
+        assert_eq!(
+            api_endpoints(&listeners),
+            ["127.0.0.1:8081".parse::<SocketAddr>().expect("addr")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_refuses_the_whole_configuration() {
+        let (_drain, watch) = drain::channel();
+        let mut listeners = Listeners::default();
+        let first = specs(MAIN, "{port: 0, service: api}", "127.0.0.1:8080");
+        apply(&mut listeners, &first, &watch)
+            .await
+            .expect("applies");
+        let before = listeners.bound();
+
+        let taken = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let outbound = format!("{{port: 0, service: api}}, {{port: {port}, service: db}}");
+        let refused = specs(MAIN, &outbound, "127.0.0.1:8081");
+        let error = apply(&mut listeners, &refused, &watch)
+            .await
+            .expect_err("refused");
+        assert!(
+            error.to_string().starts_with(&format!(
+                "cannot listen on 127.0.0.1:{port} for outbound/shop/db: "
+            )),
+            "{error}"
+        );
+        assert_eq!(listeners.bound(), before);
+        assert_eq!(
+            api_endpoints(&listeners),
+            ["127.0.0.1:8080".parse::<SocketAddr>().expect("addr")],
+            "the old route stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removed_listener_frees_its_port_for_a_new_one() {
+        let (_drain, watch) = drain::channel();
+        let mut listeners = Listeners::default();
+        let first = specs(MAIN, "{port: 0, service: db}", "127.0.0.1:8080");
+        apply(&mut listeners, &first, &watch)
+            .await
+            .expect("applies");
+        let main = addr_of(&listeners, "inbound/main");
+        let db = addr_of(&listeners, "outbound/shop/db");
+
+        // Same port, other protocol: a new key that needs the old socket's
+        // port. And outbound/shop/db goes away.
+        let inbound = format!(
+            "{{name: main, port: {}, appPort: 9, protocol: tcp}}",
+            main.port()
+        );
+        let second = specs(&inbound, "", "127.0.0.1:8080");
+        let summary = apply(&mut listeners, &second, &watch)
+            .await
+            .expect("applies");
+        assert_eq!(summary.removed.len(), 2, "{summary:?}");
+        assert_eq!(summary.added, [format!("inbound/main {main}")]);
+        assert_eq!(listeners.bound()[0].protocol, Protocol::Tcp);
+        assert!(
+            tokio::net::TcpStream::connect(db).await.is_err(),
+            "a removed listener's port is closed"
+        );
+        assert!(tokio::net::TcpStream::connect(main).await.is_ok());
     }
 }

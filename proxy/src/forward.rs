@@ -165,3 +165,94 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioIo;
+
+    use crate::transport::Plaintext;
+
+    /// An HTTP/1 upstream answering "ok"; counts the connections it accepts.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(bytes::Bytes::from("ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    async fn get(forward: &mut Forward<Plaintext>) {
+        let req = Request::get("/")
+            .header("host", "api")
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let rsp = forward.call(req).await.expect("response");
+        assert_eq!(rsp.status(), 200);
+        let body = rsp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_swapped_destination_keeps_the_pools_of_the_endpoints_it_keeps() {
+        let (up, connections) = upstream().await;
+        let (other, _) = upstream().await;
+        let name: Arc<str> = Arc::from("shop/api");
+        let settings = ClientSettings::default();
+        let shared: SharedDestination<Plaintext> = Arc::new(ArcSwap::from_pointee(
+            Destination::new(name.clone(), Plaintext, &[up], &settings),
+        ));
+        let mut forward = Forward::new(shared.clone());
+        get(&mut forward).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+        // A new endpoint list that keeps `up` first: its pooled connection
+        // carries on.
+        let previous = shared.load_full();
+        shared.store(Arc::new(Destination::reusing(
+            Some(&previous),
+            name.clone(),
+            Plaintext,
+            &[up, other],
+            &settings,
+        )));
+        get(&mut forward).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 1, "pool reused");
+
+        // Other client settings: new clients, new connections.
+        let previous = shared.load_full();
+        let changed = ClientSettings {
+            connect_timeout: Duration::from_secs(2),
+            ..settings
+        };
+        shared.store(Arc::new(Destination::reusing(
+            Some(&previous),
+            name,
+            Plaintext,
+            &[up],
+            &changed,
+        )));
+        get(&mut forward).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 2, "fresh pool");
+    }
+}
