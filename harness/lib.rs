@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod clients;
+pub mod control_plane;
 pub mod grpc;
 pub mod mesh;
 pub mod proxy;

@@ -172,6 +172,7 @@ fn load_cli_config(path: Option<&Path>) -> anyhow::Result<CliConfig> {
         },
     };
     match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().is_empty() => Ok(CliConfig::default()),
         Ok(text) => serde_norway::from_str(&text)
             .with_context(|| format!("{}: invalid CLI config", path.display())),
         Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
@@ -329,7 +330,7 @@ fn describe(item: &Value) -> String {
             count(&spec["outbound"])
         ),
         "Service" => format!(
-            "{}, {} static endpoints",
+            "{}, static endpoints: {}",
             spec["protocol"].as_str().unwrap_or("http"),
             count(&spec["endpoints"])
         ),

@@ -1,0 +1,399 @@
+//! The control plane's operator side, end to end: the real `outrigger
+//! serve` process, its REST API and the `outrigger` CLI.
+
+use outrigger_e2e::control_plane::ControlPlane;
+use serde_json::Value;
+
+const POLICY: &str = "\
+apiVersion: outrigger.io/v1alpha1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  endpoints: [{address: '127.0.0.1:9001'}]
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {name: web, namespace: shop}
+spec:
+  inbound: [{name: http, port: 0, appPort: 8080}]
+  outbound: [{port: 0, service: api}]
+";
+
+fn run(cmd: &mut std::process::Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run outrigger");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_token_get_401_and_change_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(data.path()).await;
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(data.path().join("admin-token"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the token file is private");
+
+    for token in ["", "wrong", &format!("{}x", cp.token)] {
+        let (status, body) = cp
+            .call(
+                "POST",
+                "/api/v1/apply",
+                Some(("application/yaml", POLICY)),
+                Some(token),
+            )
+            .await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("token"), "{body}");
+        let (status, _) = cp.call("GET", "/api/v1/resources", None, Some(token)).await;
+        assert_eq!(status, 401);
+    }
+    assert_eq!(cp.revision().await, 0);
+    let (status, _) = cp.call("GET", "/api/v1/revisions", None, None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn apply_get_conflict_and_precise_validation_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(data.path()).await;
+    let answer = cp.apply(POLICY).await;
+    assert_eq!(answer["revision"], 1);
+    assert_eq!(answer["changes"].as_array().unwrap().len(), 2);
+    // The same again: unchanged, no new revision.
+    let answer = cp.apply(POLICY).await;
+    assert_eq!(answer["unchanged"], true);
+    assert_eq!(cp.revision().await, 1);
+
+    // A reference to a Service that does not exist: 422 naming the
+    // document, resource, field and reason; nothing changes.
+    let bad = POLICY.replace("service: api}", "service: apx}");
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply",
+            Some(("application/yaml", &bad)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["error"],
+        "request: document 2 (Workload shop/web): spec.outbound[0].service: no Service shop/apx; Services in namespace \"shop\": api"
+    );
+    assert_eq!(v["details"][0]["field"], "spec.outbound[0].service");
+    // Every problem at once, in one all-or-nothing refusal.
+    let two_bad = POLICY
+        .replace("9001", "99999")
+        .replace("appPort: 8080", "appPort: 0");
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply",
+            Some(("application/yaml", &two_bad)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("spec.endpoints[0].address"), "{body}");
+    assert!(body.contains("spec.inbound[0].appPort"), "{body}");
+    // Unparseable: 400.
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply",
+            Some(("application/json", "{nope")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(cp.revision().await, 1);
+
+    // JSON bodies: a List of documents.
+    let list = serde_json::json!({"kind": "List", "items": [{
+        "apiVersion": "outrigger.io/v1alpha1", "kind": "Service",
+        "metadata": {"name": "db", "namespace": "shop"}, "spec": {"protocol": "tcp"}
+    }]});
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply",
+            Some(("application/json", &list.to_string())),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cp.revision().await, 2);
+
+    // Based on a stale revision: 409, nothing changes.
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply?expectedRevision=1",
+            Some(("application/yaml", &POLICY.replace("9001", "9002"))),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("current revision is 2"), "{body}");
+    assert_eq!(cp.revision().await, 2);
+
+    // Get: by kind (short names too), by name, as YAML.
+    let services = cp.get_json("/api/v1/resources/svc").await;
+    assert_eq!(services["items"].as_array().unwrap().len(), 2);
+    let one = cp
+        .get_json("/api/v1/resources/workload/web?namespace=shop")
+        .await;
+    assert_eq!(one["items"][0]["spec"]["outbound"][0]["service"], "api");
+    let (status, yaml) = cp
+        .call(
+            "GET",
+            "/api/v1/resources/service/shop%2Fapi?output=yaml",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(yaml.contains("127.0.0.1:9001"), "{yaml}");
+    let (status, body) = cp
+        .call("GET", "/api/v1/resources/service/nope", None, None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Delete: refused while referenced, allowed otherwise.
+    let (status, body) = cp
+        .call(
+            "DELETE",
+            "/api/v1/resources/service/api?namespace=shop",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("Workload shop/web"), "{body}");
+    let (status, body) = cp
+        .call("DELETE", "/api/v1/resources/service/shop%2Fdb", None, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cp.revision().await, 3);
+}
+
+#[tokio::test]
+async fn history_diff_and_rollback() {
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(data.path()).await;
+    cp.apply(POLICY).await;
+    cp.apply(&POLICY.replace("9001", "9002")).await;
+    let r2 = cp.get_json("/api/v1/revisions/2").await;
+    assert_eq!(r2["changes"][0]["op"], "updated");
+    let diff = r2["changes"][0]["diff"].as_str().unwrap();
+    assert!(
+        diff.contains("- ") && diff.contains("127.0.0.1:9001"),
+        "{diff}"
+    );
+    assert!(
+        diff.contains("+ ") && diff.contains("127.0.0.1:9002"),
+        "{diff}"
+    );
+
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/rollback",
+            Some(("application/json", r#"{"revision": 1}"#)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cp.revision().await, 3);
+    let yaml = cp
+        .call(
+            "GET",
+            "/api/v1/resources/svc/shop%2Fapi?output=yaml",
+            None,
+            None,
+        )
+        .await
+        .1;
+    assert!(yaml.contains("9001"), "{yaml}");
+    let log = cp.get_json("/api/v1/revisions").await;
+    assert_eq!(log["revisions"][0]["action"], "rollback to 1");
+    let (status, _) = cp
+        .call(
+            "POST",
+            "/api/v1/rollback",
+            Some(("application/json", r#"{"revision": 9}"#)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn state_survives_sigkill_and_backup_restores_a_fresh_data_dir() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start(data.path()).await;
+    cp.apply(POLICY).await;
+    cp.apply(&POLICY.replace("9001", "9002")).await;
+    let before = cp.get_json("/api/v1/revisions").await;
+    let snapshot = cp.snapshot("shop/web").await;
+
+    // A crash: the acknowledged revisions are all there afterwards.
+    cp.kill();
+    let cp = ControlPlane::start(data.path()).await;
+    assert_eq!(cp.get_json("/api/v1/revisions").await, before);
+    assert_eq!(cp.snapshot("shop/web").await, snapshot);
+
+    // Disaster recovery: back up while serving, lose the data dir,
+    // restore into a fresh one.
+    let backup_dir = tempfile::tempdir().unwrap();
+    let backup = backup_dir.path().join("backup.json");
+    let (ok, stdout, stderr) = run(cp.cli().arg("backup").arg(&backup));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("backed up 2 revisions"), "{stdout}");
+    drop(cp);
+    drop(data);
+
+    let fresh = tempfile::tempdir().unwrap();
+    let restored =
+        ControlPlane::start_with(fresh.path(), &["--restore", backup.to_str().unwrap()]).await;
+    assert_eq!(restored.get_json("/api/v1/revisions").await, before);
+    assert_eq!(restored.snapshot("shop/web").await, snapshot);
+    drop(restored);
+
+    // A restore never overwrites a store that has history.
+    let out = std::process::Command::new(outrigger_e2e::proxy::bin_path("outrigger"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(fresh.path())
+        .arg("--restore")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fresh data dir"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_cli_is_a_thin_client_with_terminal_habits() {
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(data.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.yaml");
+    std::fs::write(&file, POLICY).unwrap();
+
+    let (ok, stdout, stderr) = run(cp.cli().arg("apply").arg("-f").arg(&file));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Service/shop/api created"), "{stdout}");
+    assert!(stdout.contains("revision 1"), "{stdout}");
+
+    // From stdin.
+    let mut child = cp
+        .cli()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(POLICY.replace("9001", "9003").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Service/shop/api updated"));
+
+    // A table, and YAML that applies back unchanged.
+    let (ok, stdout, _) = run(cp.cli().args(["get", "all"]));
+    assert!(ok);
+    assert!(stdout.starts_with("KIND"), "{stdout}");
+    assert!(stdout.contains("Workload   shop        web"), "{stdout}");
+    let (ok, yaml, _) = run(cp
+        .cli()
+        .args(["get", "svc", "api", "-n", "shop", "-o", "yaml"]));
+    assert!(ok);
+    std::fs::write(&file, &yaml).unwrap();
+    let (ok, stdout, _) = run(cp.cli().arg("apply").arg("-f").arg(&file));
+    assert!(ok);
+    assert!(stdout.contains("unchanged"), "{stdout}");
+
+    // History as a table, one revision as a diff, a rollback.
+    let (ok, stdout, _) = run(cp.cli().arg("history"));
+    assert!(ok);
+    assert!(stdout.starts_with("REVISION"), "{stdout}");
+    let (ok, stdout, _) = run(cp.cli().args(["history", "2"]));
+    assert!(ok);
+    assert!(
+        stdout.contains("-   - address: 127.0.0.1:9001\n+   - address: 127.0.0.1:9003"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = run(cp.cli().args(["rollback", "1"]));
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("revision 3"), "{stdout}");
+
+    // Failures: non-zero exit, the server's message as is.
+    std::fs::write(&file, POLICY.replace("appPort: 8080", "appPort: 0")).unwrap();
+    let (ok, _, stderr) = run(cp.cli().arg("apply").arg("-f").arg(&file));
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{}: document 2 (Workload shop/web): spec.inbound[0].appPort:",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(cp.cli().args(["delete", "svc", "nope"]));
+    assert!(!ok);
+    assert!(
+        stderr.contains("Service default/nope not found"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(cp.cli().args(["get", "pods"]));
+    assert!(!ok);
+    assert!(stderr.contains("unknown kind \"pods\""), "{stderr}");
+    let (ok, _, stderr) = run(cp.cli().env("OUTRIGGER_TOKEN", "bad").args(["get", "all"]));
+    assert!(!ok);
+    assert!(stderr.contains("invalid token"), "{stderr}");
+    let (ok, _, stderr) = run(cp.cli().env_remove("OUTRIGGER_TOKEN").args(["get", "all"]));
+    assert!(!ok);
+    assert!(stderr.contains("no API token"), "{stderr}");
+
+    // The token from a file, the server from a CLI config file.
+    let config = dir.path().join("cli.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server: http://{}\ntokenFile: {}\n",
+            cp.api,
+            data.path().join("admin-token").display()
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run(cp
+        .cli()
+        .env_remove("OUTRIGGER_TOKEN")
+        .env_remove("OUTRIGGER_SERVER")
+        .env("OUTRIGGER_CLI_CONFIG", &config)
+        .args(["get", "workloads"]));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("web"), "{stdout}");
+}
