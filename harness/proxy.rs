@@ -201,7 +201,7 @@ impl Proxy {
         }
     }
 
-    /// Sends a signal by name (`TERM`, `INT`).
+    /// Sends a signal by name (`TERM`, `INT`, `HUP`).
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))
@@ -209,6 +209,71 @@ impl Proxy {
             .status()
             .expect("kill");
         assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Replaces the configuration file the proxy was started with and sends
+    /// SIGHUP, which makes it reload. Wait for the effect with
+    /// [`Proxy::wait_version_change`] (or [`Proxy::wait_for_log`] when the
+    /// new configuration is expected to be refused).
+    pub fn reload(&self, config_yaml: &str) {
+        std::fs::write(self.dir.path().join("mesh.yaml"), config_yaml).expect("write config");
+        self.signal("HUP");
+    }
+
+    /// `/config` as JSON.
+    pub async fn config(&self) -> Value {
+        let (status, body) = self.admin_get("/config").await;
+        assert_eq!(status, 200, "/config: {body}");
+        serde_json::from_str(&body).expect("/config is JSON")
+    }
+
+    /// The configuration version `/config` reports.
+    pub async fn config_version(&self) -> String {
+        let config = self.config().await;
+        config["version"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Polls `/config` until its version is no longer `from` (bounded);
+    /// returns the new version.
+    pub async fn wait_version_change(&self, from: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let version = self.config_version().await;
+            if version != from {
+                return version;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "configuration version stayed {from}; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Polls the proxy's log until it contains `needle` (bounded).
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The bound address of listener `name` as `/config` reports it now
+    /// (after reloads, unlike [`Proxy::listener`]); `None` if there is none.
+    pub async fn current_listener(&self, name: &str) -> Option<SocketAddr> {
+        let config = self.config().await;
+        config["listeners"]
+            .as_array()?
+            .iter()
+            .find(|l| l["name"] == name)
+            .and_then(|l| l["addr"].as_str())
+            .and_then(|a| a.parse().ok())
     }
 
     /// Waits (bounded) for the process to exit and returns its status.
