@@ -210,3 +210,70 @@ fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    const YAML: &str = r#"apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {name: web, namespace: shop}
+spec:
+  inbound: [{name: main, port: 0, appPort: 9}]
+"#;
+
+    fn options() -> ProxyOptions {
+        ProxyOptions {
+            config_path: None,
+            workload: "shop/web".to_string(),
+            admin_addr: SocketAddr::new(LOCALHOST, 0),
+            inbound_ip: LOCALHOST,
+            outbound_ip: LOCALHOST,
+            app_ip: LOCALHOST,
+            server: ServerSettings::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn starts_without_a_configuration_and_takes_one_later() {
+        let running = start(options(), None).await.expect("starts");
+        assert!(!running.state.is_ready());
+        assert!(running.state.listeners().is_empty());
+        let config: serde_json::Value =
+            serde_json::from_str(&admin::config_json(&running.state)).expect("JSON");
+        assert!(config["version"].is_null(), "{config}");
+
+        let loaded = load_str("pushed", YAML, "shop/web")
+            .expect("valid")
+            .with_version("cp-7");
+        let summary = running.apply(loaded).await.expect("applies");
+        assert_eq!(summary.version, "cp-7");
+        assert_eq!(summary.added.len(), 1, "{summary:?}");
+        assert!(running.state.is_ready());
+        let config: serde_json::Value =
+            serde_json::from_str(&admin::config_json(&running.state)).expect("JSON");
+        assert_eq!(config["version"], "cp-7");
+        assert_eq!(config["source"], "pushed");
+        assert_eq!(config["listeners"][0]["name"], "inbound/main");
+
+        assert_eq!(
+            running.shutdown(Duration::from_secs(5)).await,
+            DrainOutcome::Complete
+        );
+        assert!(!running.state.is_ready());
+        let again = load_str("pushed", YAML, "shop/web").expect("valid");
+        assert!(matches!(
+            running.apply(again).await,
+            Err(ApplyError::Draining)
+        ));
+    }
+
+    #[test]
+    fn load_str_names_its_source_in_errors() {
+        let error = load_str("snapshot 12", YAML, "shop/nope").expect_err("no such workload");
+        assert!(error.to_string().starts_with("snapshot 12: "), "{error}");
+    }
+}
