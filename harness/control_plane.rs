@@ -234,6 +234,10 @@ impl ControlPlane {
         cmd
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no chance to clean up, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
