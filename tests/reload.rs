@@ -152,6 +152,13 @@ async fn a_port_already_taken_refuses_the_reload_and_the_old_config_serves_on() 
     let api = proxy.listener(API);
     let before = proxy.config_version().await;
 
+    // An invalid file is refused too.
+    proxy.reload("apiVersion: outrigger.io/v1alpha1\nkind: Workload\nspec: [\n");
+    proxy
+        .wait_for_log(&format!("reload refused, still serving version {before}: "))
+        .await;
+    assert_eq!(proxy.config_version().await, before);
+
     let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let outbound = format!("{API_ONLY}, {{port: {port}, service: db}}");
