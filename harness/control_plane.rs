@@ -41,20 +41,21 @@ impl ControlPlane {
     pub async fn start_with(data_dir: &Path, args: &[&str]) -> Self {
         let log_dir = tempfile::tempdir().expect("tempdir");
         let log = log_dir.path().join("control-plane.log");
-        let mut child = Command::new(bin_path("outrigger"))
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args([
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--api-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--endpoint-grace",
-                "2s",
-            ])
+        let mut cmd = Command::new(bin_path("outrigger"));
+        cmd.arg("serve").arg("--data-dir").arg(data_dir);
+        // Defaults the caller may override (a restart on the same gRPC
+        // port, say).
+        for (flag, value) in [
+            ("--grpc-addr", "127.0.0.1:0"),
+            ("--api-addr", "127.0.0.1:0"),
+            ("--admin-addr", "127.0.0.1:0"),
+            ("--endpoint-grace", "2s"),
+        ] {
+            if !args.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        let mut child = cmd
             .args(args)
             .env("OUTRIGGER_LOG", "info,outrigger=debug")
             .stdin(Stdio::null())

@@ -27,7 +27,11 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 pub struct ProxyBuilder {
-    config: String,
+    /// `None`: the policy comes from a control plane (`--control-plane`).
+    config: Option<String>,
+    /// Wait for `/ready` after start (a sidecar waiting for its first
+    /// snapshot is not ready).
+    wait_ready: bool,
     workload: String,
     /// A command the binary runs under, e.g. `taskset -c 1` (benches).
     wrapper: Vec<String>,
@@ -47,12 +51,32 @@ pub struct Proxy {
 impl ProxyBuilder {
     pub fn new(config_yaml: impl Into<String>, workload: impl Into<String>) -> Self {
         Self {
-            config: config_yaml.into(),
+            config: Some(config_yaml.into()),
+            wait_ready: true,
             workload: workload.into(),
             wrapper: Vec::new(),
             args: Vec::new(),
             envs: Vec::new(),
         }
+    }
+
+    /// A sidecar whose policy comes from the control plane at `grpc_url`.
+    /// Add `--state-dir` with [`ProxyBuilder::arg`] to have it saved.
+    pub fn with_control_plane(grpc_url: &str, workload: impl Into<String>) -> Self {
+        Self {
+            config: None,
+            wait_ready: true,
+            workload: workload.into(),
+            wrapper: Vec::new(),
+            args: vec!["--control-plane".to_string(), grpc_url.to_string()],
+            envs: Vec::new(),
+        }
+    }
+
+    /// Do not wait for `/ready` in [`ProxyBuilder::start`].
+    pub fn no_wait_ready(mut self) -> Self {
+        self.wait_ready = false;
+        self
     }
 
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
@@ -76,8 +100,6 @@ impl ProxyBuilder {
     /// it is ready.
     pub async fn start(self) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("mesh.yaml");
-        std::fs::write(&config_path, &self.config).expect("write config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
@@ -87,9 +109,12 @@ impl ProxyBuilder {
             }
             None => Command::new(bin_path("outrigger-proxy")),
         };
-        cmd.arg("--config")
-            .arg(&config_path)
-            .arg("--workload")
+        if let Some(config) = &self.config {
+            let config_path = dir.path().join("mesh.yaml");
+            std::fs::write(&config_path, config).expect("write config");
+            cmd.arg("--config").arg(&config_path);
+        }
+        cmd.arg("--workload")
             .arg(&self.workload)
             .args(["--admin-addr", "127.0.0.1:0", "--inbound-ip", "127.0.0.1"])
             .args(&self.args)
@@ -129,7 +154,9 @@ impl ProxyBuilder {
             .parse()
             .expect("admin addr");
         proxy.listeners = v["listeners"].as_array().expect("listeners").clone();
-        proxy.wait_ready().await;
+        if self.wait_ready {
+            proxy.wait_ready().await;
+        }
         proxy
     }
 
@@ -137,11 +164,13 @@ impl ProxyBuilder {
     /// status and stderr.
     pub fn run_expecting_failure(self) -> (ExitStatus, String) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("mesh.yaml");
-        std::fs::write(&config_path, &self.config).expect("write config");
-        let out = Command::new(bin_path("outrigger-proxy"))
-            .arg("--config")
-            .arg(&config_path)
+        let mut cmd = Command::new(bin_path("outrigger-proxy"));
+        if let Some(config) = &self.config {
+            let config_path = dir.path().join("mesh.yaml");
+            std::fs::write(&config_path, config).expect("write config");
+            cmd.arg("--config").arg(&config_path);
+        }
+        let out = cmd
             .arg("--workload")
             .arg(&self.workload)
             .args(["--admin-addr", "127.0.0.1:0"])

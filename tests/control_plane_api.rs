@@ -1,6 +1,8 @@
 //! The control plane's operator side, end to end: the real `outrigger
 //! serve` process, its REST API and the `outrigger` CLI.
 
+#![allow(clippy::unwrap_used)]
+
 use outrigger_e2e::control_plane::ControlPlane;
 use serde_json::Value;
 

@@ -183,6 +183,11 @@ pub struct Hub {
     /// How long a disconnected sidecar's endpoints stay (it may be
     /// reconnecting).
     pub grace: Duration,
+    /// Until then, sidecars that already run a policy are not pushed to:
+    /// after a restart the control plane has no registered endpoints until
+    /// their sidecars reconnect, and pushing its partial view would take
+    /// working endpoints away from everyone.
+    pub warm_until: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,6 +208,7 @@ impl Hub {
             }),
             views,
             grace,
+            warm_until: Instant::now() + grace,
         })
     }
 

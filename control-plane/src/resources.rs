@@ -173,7 +173,7 @@ impl PolicyState {
                     format!("cannot delete {key}: other resources refer to it"),
                 ),
             );
-            PlanError::Invalid(ConfigErrors::from_vec(list).unwrap_or_else(|| unreachable_errors()))
+            PlanError::Invalid(ConfigErrors::from_vec(list).unwrap_or_else(unreachable_errors))
         })?;
         Ok(self.plan_to(resources, config))
     }

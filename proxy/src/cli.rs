@@ -16,16 +16,51 @@ use crate::http::server::ServerSettings;
     version,
     about = "The Outrigger sidecar proxy",
     long_about = "The Outrigger sidecar proxy.\n\nRuns one workload's inbound and outbound listeners from a mesh \
-configuration file. On start it prints one JSON line to stdout with the bound addresses; logs go to stderr.\n\n\
+configuration file (--config) or from the policy a control plane pushes (--control-plane; the sidecar ACKs \
+what it applies, NACKs what it cannot, keeps serving its last good policy when the control plane is away, \
+and saves it to --state-dir for restarts). On start it prints one JSON line to stdout with the bound addresses; logs go to stderr.\n\n\
 On SIGHUP it reads the file again and applies it without a restart: new listeners are bound, removed ones \
 stop accepting (their open connections finish), kept ones switch to the new endpoints and timeouts for the \
 next request while requests in flight finish where they started. If the file is invalid or a port cannot be \
 bound, the error is logged and the previous configuration keeps serving; /config shows the version running."
 )]
 pub struct Args {
-    /// Mesh configuration file (multi-document YAML).
-    #[arg(long, env = "OUTRIGGER_CONFIG", value_name = "FILE")]
-    pub config: PathBuf,
+    /// Mesh configuration file (multi-document YAML). Either this or
+    /// --control-plane.
+    #[arg(
+        long,
+        env = "OUTRIGGER_CONFIG",
+        value_name = "FILE",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// The control plane's gRPC address, e.g. http://outrigger:15010: the
+    /// policy comes from it, pushed hot.
+    #[arg(long, env = "OUTRIGGER_CONTROL_PLANE", value_name = "URL")]
+    pub control_plane: Option<String>,
+
+    /// With --control-plane: where the last good snapshot is saved, so a
+    /// restart serves it while the control plane is unreachable.
+    #[arg(
+        long,
+        env = "OUTRIGGER_STATE_DIR",
+        value_name = "DIR",
+        requires = "control_plane"
+    )]
+    pub state_dir: Option<PathBuf>,
+
+    /// With --control-plane: this sidecar's id in proxy-status (default:
+    /// HOSTNAME.PID).
+    #[arg(long, env = "OUTRIGGER_PROXY_ID", requires = "control_plane")]
+    pub proxy_id: Option<String>,
+
+    /// With --control-plane: the IP peers reach our inbound listeners at
+    /// (registered as endpoints; in Kubernetes, the pod IP). Default: the
+    /// address the control plane sees our connection come from.
+    #[arg(long, env = "OUTRIGGER_ADVERTISE_IP", requires = "control_plane")]
+    pub advertise_ip: Option<IpAddr>,
 
     /// The Workload this sidecar runs, as NAME or NAMESPACE/NAME.
     #[arg(long, env = "OUTRIGGER_WORKLOAD", value_name = "NAME")]
@@ -93,7 +128,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 impl Args {
     pub fn options(&self) -> ProxyOptions {
         ProxyOptions {
-            config_path: Some(self.config.clone()),
+            config_path: self.config.clone(),
             workload: self.workload.clone(),
             admin_addr: self.admin_addr,
             inbound_ip: self.inbound_ip,

@@ -29,6 +29,7 @@ pub mod inbound;
 pub mod listener;
 pub mod metrics;
 pub mod outbound;
+pub mod policy_client;
 pub mod state;
 pub mod tcp;
 pub mod timeout;

@@ -6,6 +6,9 @@ use clap::Parser;
 use outrigger_proxy::app;
 use outrigger_proxy::cli::{Args, LogFormat};
 use outrigger_proxy::drain::DrainOutcome;
+use outrigger_proxy::policy_client::{self, PolicyClientOptions};
+use std::path::Path;
+use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -47,9 +50,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
 
     let options = args.options();
-    let loaded = app::load(&args.config, &options.workload)?;
-    tracing::info!(workload = %loaded.workload, version = %loaded.version, source = %loaded.source, "configuration loaded");
-    let running = app::start(options, Some(loaded)).await?;
+    let loaded = match (&args.config, &args.state_dir) {
+        (Some(path), _) => Some(app::load(path, &options.workload)?),
+        (None, Some(dir)) => policy_client::load_saved(dir, &options.workload),
+        (None, None) => {
+            tracing::warn!(
+                "no --state-dir: snapshots are not saved, so a restart while the control plane is unreachable will have no policy to serve"
+            );
+            None
+        }
+    };
+    if let Some(loaded) = &loaded {
+        tracing::info!(workload = %loaded.workload, version = %loaded.version, source = %loaded.source, "configuration loaded");
+    }
+    let running = Arc::new(app::start(options, loaded).await?);
+    if let Some(endpoint) = &args.control_plane {
+        let client = PolicyClientOptions {
+            endpoint: endpoint.clone(),
+            workload: args.workload.clone(),
+            proxy_id: args.proxy_id.clone().unwrap_or_else(default_proxy_id),
+            advertise_ip: args.advertise_ip,
+            state_dir: args.state_dir.clone(),
+        };
+        tokio::spawn(policy_client::run(client, running.clone()));
+    }
 
     // One machine-readable line on stdout, so scripts and tests learn the
     // bound ports (listeners may be configured with port 0).
@@ -62,7 +86,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let signal = loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&running, &args).await,
+            _ = hangup.recv() => match &args.config {
+                Some(path) => reload(&running, path, &args.workload).await,
+                None => tracing::info!("SIGHUP ignored: the policy comes from the control plane"),
+            },
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
@@ -80,14 +107,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// SIGHUP: re-reads the configuration file and applies it. Any error
 /// leaves the running configuration serving as it was.
-async fn reload(running: &app::Running, args: &Args) {
+async fn reload(running: &app::Running, path: &Path, workload: &str) {
     let current = running
         .state
         .loaded()
         .map(|l| l.version.clone())
         .unwrap_or_default();
-    tracing::info!(config = %args.config.display(), "SIGHUP: reloading the configuration");
-    let loaded = match app::load(&args.config, &args.workload) {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+    let loaded = match app::load(path, workload) {
         Ok(loaded) => loaded,
         Err(e) => {
             tracing::error!("reload refused, still serving version {current}: {e:#}");
@@ -100,6 +127,17 @@ async fn reload(running: &app::Running, args: &Args) {
             "reload of version {version} refused, still serving version {current}: {e}"
         );
     }
+}
+
+/// `HOSTNAME.PID`: in Kubernetes the hostname is the pod name.
+fn default_proxy_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sidecar".to_string());
+    format!("{host}.{}", std::process::id())
 }
 
 fn init_logging(args: &Args) {

@@ -24,6 +24,10 @@ pub const OPEN_CONNECTIONS: &str = "outrigger_open_connections";
 pub const CONNECTIONS_TOTAL: &str = "outrigger_connections_total";
 pub const TCP_BYTES_TOTAL: &str = "outrigger_tcp_bytes_total";
 pub const CONFIG_INFO: &str = "outrigger_config_info";
+pub const POLICY_STREAM_CONNECTED: &str = "outrigger_policy_stream_connected";
+pub const POLICY_PUSHES_TOTAL: &str = "outrigger_policy_pushes_total";
+pub const POLICY_ACKS_TOTAL: &str = "outrigger_policy_acks_total";
+pub const POLICY_NACKS_TOTAL: &str = "outrigger_policy_nacks_total";
 
 /// Latency buckets in seconds, from 100 µs (a local hop) to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -81,6 +85,16 @@ fn describe() {
         CONFIG_INFO,
         "1, labelled with the version of the running configuration"
     );
+    metrics::describe_gauge!(
+        POLICY_STREAM_CONNECTED,
+        "1 while the policy stream to the control plane is open"
+    );
+    metrics::describe_counter!(
+        POLICY_PUSHES_TOTAL,
+        "Snapshots received from the control plane"
+    );
+    metrics::describe_counter!(POLICY_ACKS_TOTAL, "Snapshots applied (ACK)");
+    metrics::describe_counter!(POLICY_NACKS_TOTAL, "Snapshots refused (NACK)");
 }
 
 /// Status classes a response can fall in; index into the handle arrays.

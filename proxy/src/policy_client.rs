@@ -115,8 +115,12 @@ pub async fn run(options: PolicyClientOptions, running: Arc<Running>) {
         metrics::gauge!(crate::metrics::POLICY_STREAM_CONNECTED).set(0.0);
         let delay = backoff.next();
         match result {
-            Ok(()) => tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, "the control plane closed the policy stream; serving the last good policy"),
-            Err(e) => tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, error = %format!("{e:#}"), "policy stream failed; serving the last good policy"),
+            Ok(()) => {
+                tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, "the control plane closed the policy stream; serving the last good policy")
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, error = %format!("{e:#}"), "policy stream failed; serving the last good policy")
+            }
         }
         tokio::time::sleep(delay).await;
     }
@@ -135,7 +139,12 @@ async fn session(
         .keep_alive_timeout(Duration::from_secs(10))
         .connect()
         .await
-        .with_context(|| format!("cannot connect to the control plane at {}", options.endpoint))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to the control plane at {}",
+                options.endpoint
+            )
+        })?;
     let mut client =
         PolicyDiscoveryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
 
