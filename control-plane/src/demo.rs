@@ -1,10 +1,12 @@
 //! `outrigger demo`: a small mesh on loopback, narrated.
 //!
-//! Two sample apps (`web` is only a client here, `api` a server), each with
-//! a real `outrigger-proxy` sidecar process, configured from a standalone
-//! mesh file. The demo sends a few requests through the sidecars, shows
-//! what each one proves, prints a summary, shuts the sidecars down with
-//! SIGTERM, and exits 0 only if every step did what it should.
+//! A real control plane (`outrigger serve`) and two sample apps (`web` is
+//! only a client here, `api` a server), each with a real `outrigger-proxy`
+//! sidecar process that gets its policy from the control plane. The demo
+//! applies the policy through the REST API, sends a few requests through
+//! the sidecars, changes the policy live, shows what each step proves,
+//! prints a summary, shuts everything down with SIGTERM, and exits 0 only
+//! if every step did what it should.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -31,6 +33,31 @@ struct Sidecar {
 }
 
 impl Sidecar {
+    /// Waits (bounded) until the sidecar has its first snapshot, then
+    /// reads its listeners from /config.
+    async fn wait_configured(&mut self, client: &HttpClient) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let config = get_json(client, &format!("http://{}/config", self.admin)).await?;
+            if !config["version"].is_null() {
+                self.listeners = config["listeners"].clone();
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {} sidecar got no policy from the control plane",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn version(&self, client: &HttpClient) -> anyhow::Result<String> {
+        let config = get_json(client, &format!("http://{}/config", self.admin)).await?;
+        Ok(config["version"].as_str().unwrap_or("").to_string())
+    }
+
     fn listener(&self, name: &str) -> anyhow::Result<SocketAddr> {
         self.listeners
             .as_array()
@@ -73,32 +100,47 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn run_in(dir: &Path) -> anyhow::Result<()> {
-    let proxy_bin = proxy_binary()?;
+    let proxy_bin = sibling_binary("outrigger-proxy")?;
     println!(
-        "Outrigger demo: a two-sidecar mesh on loopback (standalone file config, plaintext between sidecars)\n"
+        "Outrigger demo: a control plane and a two-sidecar mesh on loopback (plaintext between sidecars)\n"
+    );
+    let h1: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let h2: HttpClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+
+    let mut cp = start_control_plane(dir)?;
+    println!(
+        "  control plane  gRPC {} (sidecars), REST {} (operators), admin {}",
+        cp.grpc, cp.api, cp.admin
     );
 
     let api_app = start_api_app().await?;
     println!("  api app        listening on {api_app}");
-
-    // The api sidecar first: its inbound port (any free one) becomes the
-    // endpoint of service shop/api in the web sidecar's configuration.
-    let api_yaml = dir.join("api-sidecar.yaml");
-    std::fs::write(&api_yaml, api_config(api_app.port()))?;
-    let api = start_sidecar(&proxy_bin, "api", &api_yaml, "shop/api", dir)?;
-    let api_inbound = api.listener("inbound/http")?;
-    println!(
-        "  api sidecar    inbound {api_inbound} → app {api_app}   (admin {})",
-        api.admin
-    );
-
     let unreachable = {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         l.local_addr()?
     };
-    let web_yaml = dir.join("web-sidecar.yaml");
-    std::fs::write(&web_yaml, web_config(api_inbound, unreachable))?;
-    let web = start_sidecar(&proxy_bin, "web", &web_yaml, "shop/web", dir)?;
+
+    // The policy goes in through the REST API, as `outrigger apply` does.
+    let policy = mesh_policy(api_app.port(), unreachable, "500ms");
+    std::fs::write(dir.join("mesh.yaml"), &policy)?;
+    let applied = cp.apply(&h1, &policy).await?;
+    println!(
+        "  applied mesh.yaml through the REST API: revision {}",
+        applied["revision"]
+    );
+
+    let grpc = format!("http://{}", cp.grpc);
+    let mut api = start_sidecar(&proxy_bin, "api", &grpc, "shop/api", dir)?;
+    let mut web = start_sidecar(&proxy_bin, "web", &grpc, "shop/web", dir)?;
+    api.wait_configured(&h1).await?;
+    web.wait_configured(&h1).await?;
+    let api_inbound = api.listener("inbound/http")?;
+    println!(
+        "  api sidecar    inbound {api_inbound} → app {api_app}, registered as an endpoint of shop/api (admin {})",
+        api.admin
+    );
     let to_api = web.listener("outbound/shop/api")?;
     let to_billing = web.listener("outbound/shop/billing")?;
     println!(
@@ -106,14 +148,12 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         web.admin
     );
     println!(
-        "\n  configuration and sidecar logs: {} (kept only with --dir)\n",
+        "\n  policy, data and logs: {} (kept only with --dir)\n",
         dir.display()
     );
+    // web hears of api's endpoint once api has ACKed its first snapshot.
+    wait_until_ok(&h1, &format!("http://{to_api}/hello")).await?;
 
-    let h1: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
     let mut steps = Vec::new();
 
     // 1. HTTP/1.1 through both sidecars, with a spoofed identity header.
@@ -146,7 +186,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         detail: format!("{status}, app saw {}", seen["version"]),
     });
 
-    // 3. A slow answer hits the 500ms request timeout in the TrafficPolicy.
+    // 3. A slow answer (1 s) hits the 500ms request timeout in the TrafficPolicy.
     let start = Instant::now();
     let req = Request::get(format!("http://{to_api}/slow")).body(Full::new(Bytes::new()))?;
     let (status, body) = send(&h1, req).await?;
@@ -187,13 +227,66 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         detail: format!("\n{}", counted.join("\n")),
     });
 
-    // 6. Graceful shutdown.
-    let mut exits = Vec::new();
-    for sidecar in [web, api] {
-        exits.push((sidecar.name, stop(sidecar).await?));
-    }
+    // 6. A live policy change: a longer timeout, applied through the API,
+    // pushed to the web sidecar, and the slow call now succeeds.
+    let (web_pid, before) = (web.child.id(), web.version(&h1).await?);
+    let applied = cp
+        .apply(&h1, &mesh_policy(api_app.port(), unreachable, "2s"))
+        .await?;
+    let pushed = Instant::now();
+    let after = loop {
+        let version = web.version(&h1).await?;
+        if version != before {
+            break version;
+        }
+        if pushed.elapsed() > Duration::from_secs(10) {
+            bail!("the web sidecar did not get the new policy");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let applied_in = pushed.elapsed();
+    let start = Instant::now();
+    let req = Request::get(format!("http://{to_api}/slow")).body(Full::new(Bytes::new()))?;
+    let (status, _) = send(&h1, req).await?;
     steps.push(Step {
-        what: "SIGTERM → both sidecars drained and exited 0",
+        what: "live policy change (timeout 500ms → 2s) without a restart",
+        ok: status == StatusCode::OK && web.child.id() == web_pid,
+        detail: format!(
+            "revision {} applied by the web sidecar within {applied_in:?} (version {before} → {after}, same pid {web_pid}); /slow now {status} after {:?}",
+            applied["revision"],
+            start.elapsed()
+        ),
+    });
+
+    // 7. The control plane knows who runs what.
+    let status =
+        get_json_auth(&h1, &format!("http://{}/api/v1/proxies", cp.api), &cp.token).await?;
+    let proxies: Vec<String> = status["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["workload"].as_str().unwrap_or(""),
+                p["status"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    steps.push(Step {
+        what: "proxy-status: every sidecar runs the latest policy",
+        ok: proxies.len() == 2 && proxies.iter().all(|p| p.ends_with("SYNCED")),
+        detail: proxies.join(", "),
+    });
+
+    // 8. Graceful shutdown.
+    let mut exits = Vec::new();
+    for mut sidecar in [web, api] {
+        exits.push((sidecar.name, stop(&mut sidecar.child).await?));
+    }
+    exits.push(("control plane", stop(&mut cp.child).await?));
+    steps.push(Step {
+        what: "SIGTERM → sidecars drained, everything exited 0",
         ok: exits.iter().all(|(_, ok)| *ok),
         detail: exits
             .iter()
@@ -243,10 +336,145 @@ async fn send(
     Ok((status, body))
 }
 
-/// `outrigger-proxy` is built next to this binary.
-fn proxy_binary() -> anyhow::Result<PathBuf> {
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn get_json(client: &HttpClient, url: &str) -> anyhow::Result<serde_json::Value> {
+    let req = Request::get(url).body(Full::new(Bytes::new()))?;
+    let (_, body) = send(client, req).await?;
+    serde_json::from_slice(&body).with_context(|| format!("{url}: not JSON"))
+}
+
+async fn get_json_auth(
+    client: &HttpClient,
+    url: &str,
+    token: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let req = Request::get(url)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))?;
+    let (_, body) = send(client, req).await?;
+    serde_json::from_slice(&body).with_context(|| format!("{url}: not JSON"))
+}
+
+/// Polls `url` until it answers 200 (bounded).
+async fn wait_until_ok(client: &HttpClient, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = Request::get(url).body(Full::new(Bytes::new()))?;
+        if let Ok((StatusCode::OK, _)) = send(client, req).await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{url} never answered 200");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The control plane process and what it reported at start.
+struct ControlPlane {
+    child: Child,
+    grpc: SocketAddr,
+    api: SocketAddr,
+    admin: SocketAddr,
+    token: String,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Only reached on an error path: the happy path waits for exit.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ControlPlane {
+    async fn apply(&self, client: &HttpClient, yaml: &str) -> anyhow::Result<serde_json::Value> {
+        let req = Request::post(format!("http://{}/api/v1/apply", self.api))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/yaml")
+            .header("x-outrigger-source", "mesh.yaml")
+            .body(Full::new(Bytes::from(yaml.to_string())))?;
+        let (status, body) = send(client, req).await?;
+        if status != StatusCode::OK {
+            bail!(
+                "apply refused ({status}): {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        serde_json::from_slice(&body).context("apply answer")
+    }
+}
+
+fn start_control_plane(dir: &Path) -> anyhow::Result<ControlPlane> {
     let me = std::env::current_exe().context("cannot find this executable")?;
-    let path = me.with_file_name("outrigger-proxy");
+    let data = dir.join("control-plane-data");
+    let log_path = dir.join("control-plane.log");
+    let mut child = Command::new(me)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log_path)?))
+        .spawn()
+        .context("cannot start the control plane")?;
+    let stdout = child.stdout.take().context("control plane stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let started: serde_json::Value = match serde_json::from_str(&line) {
+        Ok(v) => v,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the control plane did not start:\n{log}");
+        }
+    };
+    let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+        started[key]
+            .as_str()
+            .with_context(|| format!("control plane {key} address"))?
+            .parse()
+            .with_context(|| format!("control plane {key} address"))
+    };
+    let (grpc, api, admin) = match (addr("grpc"), addr("api"), addr("admin")) {
+        (Ok(g), Ok(a), Ok(m)) => (g, a, m),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the control plane's start line is incomplete: {line}");
+        }
+    };
+    let token = match std::fs::read_to_string(data.join("admin-token")) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("cannot read the admin token: {e}");
+        }
+    };
+    Ok(ControlPlane {
+        child,
+        grpc,
+        api,
+        admin,
+        token,
+    })
+}
+
+/// The other binaries are built next to this one.
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find this executable")?;
+    let path = me.with_file_name(name);
     if !path.exists() {
         bail!(
             "{} not found: build the whole workspace first (cargo build --release)",
@@ -259,15 +487,17 @@ fn proxy_binary() -> anyhow::Result<PathBuf> {
 fn start_sidecar(
     bin: &Path,
     name: &'static str,
-    config: &Path,
+    control_plane: &str,
     workload: &str,
     dir: &Path,
 ) -> anyhow::Result<Sidecar> {
     let log_path = dir.join(format!("{name}-sidecar.log"));
     let log = std::fs::File::create(&log_path)?;
     let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(config)
+        .args(["--control-plane", control_plane])
+        .arg("--state-dir")
+        .arg(dir.join(format!("{name}-state")))
+        .args(["--proxy-id", name])
         .args(["--workload", workload])
         .args(["--admin-addr", "127.0.0.1:0", "--inbound-ip", "127.0.0.1"])
         .stdin(Stdio::null())
@@ -298,15 +528,15 @@ fn start_sidecar(
 }
 
 /// SIGTERM, then wait (bounded) for a clean exit.
-async fn stop(mut sidecar: Sidecar) -> anyhow::Result<bool> {
-    let pid = sidecar.child.id().to_string();
+async fn stop(child: &mut Child) -> anyhow::Result<bool> {
+    let pid = child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status()?;
     if !status.success() {
         bail!("kill -TERM {pid} failed");
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(status) = sidecar.child.try_wait()? {
+        if let Some(status) = child.try_wait()? {
             return Ok(status.success());
         }
         if Instant::now() > deadline {
@@ -316,25 +546,23 @@ async fn stop(mut sidecar: Sidecar) -> anyhow::Result<bool> {
     }
 }
 
-fn api_config(app_port: u16) -> String {
+/// The whole mesh, as an operator would apply it.
+fn mesh_policy(api_app_port: u16, unreachable: SocketAddr, request_timeout: &str) -> String {
     format!(
-        r#"# The api workload: peers reach its inbound port, the sidecar forwards
-# to the api app on 127.0.0.1:{app_port}.
+        r#"# api: peers reach its sidecar's inbound port (any free one), which
+# forwards to the api app on 127.0.0.1:{api_app_port}. The sidecar registers
+# that port as an endpoint of Service shop/api.
 apiVersion: outrigger.io/v1alpha1
 kind: Workload
 metadata: {{name: api, namespace: shop}}
 spec:
   inbound:
     - name: http
-      port: 0          # any free port; the sidecar reports it at start
-      appPort: {app_port}
-"#
-    )
-}
-
-fn web_config(api_inbound: SocketAddr, unreachable: SocketAddr) -> String {
-    format!(
-        r#"# The web workload calls two services through local ports.
+      port: 0
+      appPort: {api_app_port}
+      service: api
+---
+# web calls two services through local ports.
 apiVersion: outrigger.io/v1alpha1
 kind: Workload
 metadata: {{name: web, namespace: shop}}
@@ -353,8 +581,7 @@ apiVersion: outrigger.io/v1alpha1
 kind: Service
 metadata: {{name: api, namespace: shop}}
 spec:
-  endpoints:
-    - address: "{api_inbound}"   # the api sidecar's inbound port
+  protocol: http       # endpoints: registered by the api sidecar
 ---
 apiVersion: outrigger.io/v1alpha1
 kind: Service
@@ -369,13 +596,13 @@ metadata: {{name: api, namespace: shop}}
 spec:
   service: api
   timeouts:
-    request: 500ms
+    request: {request_timeout}
     connect: 1s
 "#
     )
 }
 
-/// The sample api app: `/slow` takes 3 s, anything else answers with what
+/// The sample api app: `/slow` takes 1 s, anything else answers with what
 /// the app saw of the request.
 async fn start_api_app() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -398,7 +625,7 @@ async fn start_api_app() -> anyhow::Result<SocketAddr> {
 
 async fn api_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/slow" {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let header = |name: &str| {
         req.headers()
