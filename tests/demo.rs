@@ -1,5 +1,6 @@
-//! The README's demo command works: `outrigger demo` starts real sidecars,
-//! every narrated step passes, and it exits 0.
+//! The README's demo command works: `outrigger demo` starts a real control
+//! plane and real sidecars, every narrated step passes (a live policy
+//! change among them), and it exits 0.
 
 use std::process::Command;
 
@@ -12,6 +13,10 @@ fn demo_runs_every_step_and_exits_cleanly() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("All 7 steps passed."), "{stdout}");
+    assert!(stdout.contains("All 9 steps passed."), "{stdout}");
+    assert!(
+        stdout.contains("[ok] live policy change (timeout 500ms → 2s) without a restart"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("[FAIL]"), "{stdout}");
 }
