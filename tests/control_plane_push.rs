@@ -412,3 +412,53 @@ async fn a_sidecar_whose_workload_is_not_defined_waits_for_it() {
     proxy.wait_ready().await;
     cp.wait_synced(1).await;
 }
+
+#[tokio::test]
+async fn only_sidecars_a_change_concerns_get_a_push() {
+    let m = start_mesh().await;
+    let web_pushes = metric(&m.web, "outrigger_policy_pushes_total").await;
+    let api_pushes = metric(&m.api, "outrigger_policy_pushes_total").await;
+
+    // A Workload nobody runs: a new revision, no push to anyone.
+    let other = "---\napiVersion: outrigger.io/v1alpha1\nkind: Workload\n\
+                 metadata: {name: other, namespace: shop}\nspec: {inbound: [{port: 0, appPort: 1}]}\n";
+    let base = mesh(m.app_a.addr.port(), "5s");
+    m.cp.apply(&format!("{base}{other}")).await;
+    // Then a change for web only: web gets exactly one push, api none.
+    let version = m.web.config_version().await;
+    m.cp.apply(&format!("{}{other}", mesh(m.app_a.addr.port(), "7s")))
+        .await;
+    m.web.wait_version_change(&version).await;
+    m.cp.wait_synced(2).await;
+    assert_eq!(
+        metric(&m.web, "outrigger_policy_pushes_total").await,
+        web_pushes + 1.0
+    );
+    assert_eq!(
+        metric(&m.api, "outrigger_policy_pushes_total").await,
+        api_pushes
+    );
+}
+
+#[tokio::test]
+async fn a_departed_sidecars_endpoint_is_removed_after_the_grace_period() {
+    let mut m = start_mesh().await;
+    let addr = outbound(&m.web).await;
+    let api_inbound = m
+        .api
+        .current_listener("inbound/http")
+        .await
+        .expect("inbound");
+    let version = m.web.config_version().await;
+
+    m.api.signal("KILL");
+    m.api.wait_exit(Duration::from_secs(10)).await;
+    // The harness's control plane keeps endpoints for 2 s.
+    m.web.wait_version_change(&version).await;
+    let (_, snapshot) = m.cp.snapshot("shop/web").await;
+    assert!(!snapshot.contains(&api_inbound.to_string()), "{snapshot}");
+    let (status, _) = call(addr, "/headers").await;
+    assert_eq!(status, 503, "no endpoints left");
+    m.cp.wait_for_proxies("api to be forgotten", |ps| ps.len() == 1)
+        .await;
+}

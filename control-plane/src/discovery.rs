@@ -89,7 +89,9 @@ fn record_from(first: &DiscoveryRequest, peer: SocketAddr) -> Result<ProxyRecord
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
     let workload = match node.workload.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => ResourceRef::new(ns, name),
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            ResourceRef::new(ns, name)
+        }
         None if !node.workload.is_empty() => {
             ResourceRef::new(outrigger_config::DEFAULT_NAMESPACE, node.workload.as_str())
         }
@@ -245,5 +247,96 @@ fn handle_response(hub: &Hub, id: ConnId, request: &DiscoveryRequest) {
             tracing::warn!(%proxy, %workload, %version, reason = %request.error_detail, "sidecar NACKed its snapshot");
         }
         metrics::counter!("outrigger_cp_nacks_total").increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    fn hub_with_one_proxy() -> (Arc<Hub>, ConnId) {
+        let config = Arc::new(outrigger_config::load_str("t", "").unwrap());
+        let hub = Hub::new(1, config, Duration::from_secs(60));
+        let first = DiscoveryRequest {
+            node: Some(outrigger_config::proto::discovery::Node {
+                workload: "shop/web".into(),
+                proxy_id: "p".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let record = record_from(&first, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let id = hub.connect(record);
+        hub.update(id, |p| {
+            p.sent_version = Some("v2".into());
+            p.sent_nonce = Some("1-2".into());
+        });
+        (hub, id)
+    }
+
+    fn answer(nonce: &str, version: &str, error: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            error_detail: error.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_to_an_older_snapshot_are_ignored() {
+        let (hub, id) = hub_with_one_proxy();
+        handle_response(&hub, id, &answer("1-1", "v1", "port taken"));
+        handle_response(&hub, id, &answer("1-1", "v1", ""));
+        let p = hub.update(id, |p| p.clone()).unwrap();
+        assert!(p.last_nack.is_none());
+        assert!(p.acked_version.is_none());
+
+        handle_response(&hub, id, &answer("1-2", "v2", ""));
+        let p = hub.update(id, |p| p.clone()).unwrap();
+        assert_eq!(p.acked_version.as_deref(), Some("v2"));
+    }
+
+    #[tokio::test]
+    async fn a_nack_records_the_reason_for_the_sent_version() {
+        let (hub, id) = hub_with_one_proxy();
+        handle_response(
+            &hub,
+            id,
+            &answer("1-2", "v1", "cannot listen on 127.0.0.1:9"),
+        );
+        let p = hub.update(id, |p| p.clone()).unwrap();
+        let nack = p.last_nack.unwrap();
+        assert_eq!(nack.version, "v2");
+        assert_eq!(nack.reason, "cannot listen on 127.0.0.1:9");
+        assert!(p.acked_version.is_none());
+    }
+
+    #[test]
+    fn the_node_is_checked() {
+        let peer = "10.0.0.9:5000".parse().unwrap();
+        let node = |workload: &str, proxy_id: &str, ip: &str| DiscoveryRequest {
+            node: Some(outrigger_config::proto::discovery::Node {
+                workload: workload.into(),
+                proxy_id: proxy_id.into(),
+                advertise_ip: ip.into(),
+                proxy_version: String::new(),
+            }),
+            ..Default::default()
+        };
+        let r = record_from(&node("web", "p", ""), peer).unwrap();
+        assert_eq!(r.workload.to_string(), "default/web");
+        assert_eq!(r.advertise_ip.to_string(), "10.0.0.9");
+        let r = record_from(&node("shop/web", "p", "10.1.1.1"), peer).unwrap();
+        assert_eq!(r.advertise_ip.to_string(), "10.1.1.1");
+        assert!(record_from(&node("", "p", ""), peer).is_err());
+        assert!(record_from(&node("a/b/c", "p", ""), peer).is_err());
+        assert!(record_from(&node("shop/web", "", ""), peer).is_err());
+        assert!(record_from(&node("shop/web", "p", "not-an-ip"), peer).is_err());
+        assert!(record_from(&DiscoveryRequest::default(), peer).is_err());
     }
 }
