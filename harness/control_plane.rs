@@ -1,11 +1,9 @@
 //! Running the real control plane (`outrigger serve`) and talking to its
 //! REST API.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -63,26 +61,13 @@ impl ControlPlane {
             .stderr(Stdio::from(std::fs::File::create(&log).expect("log file")))
             .spawn()
             .expect("spawn outrigger serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-            .await
-            .expect("join");
-        let line = match line {
-            Ok(line) if !line.trim().is_empty() => line,
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "outrigger serve did not report its listeners; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            }
+        let Some(line) = crate::proxy::start_line(&mut child).await else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "outrigger serve did not report its listeners; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
         };
         let v: Value = serde_json::from_str(&line).expect("startup line is JSON");
         let addr = |key: &str| -> SocketAddr {

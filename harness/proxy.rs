@@ -26,6 +26,23 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The one JSON line our binaries print on stdout once they listen;
+/// `None` if it does not come within 30 s (the process failed to start).
+pub(crate) async fn start_line(child: &mut Child) -> Option<String> {
+    let stdout = child.stdout.take()?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .ok()?
+        .ok()
+        .filter(|line| !line.trim().is_empty())
+}
+
 pub struct ProxyBuilder {
     /// `None`: the policy comes from a control plane (`--control-plane`).
     config: Option<String>,
@@ -124,16 +141,7 @@ impl ProxyBuilder {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
         let mut child = cmd.spawn().expect("spawn outrigger-proxy");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-            .await
-            .expect("join");
+        let line = start_line(&mut child).await;
         let mut proxy = Proxy {
             child: Some(child),
             admin: "127.0.0.1:0".parse().expect("addr"),
@@ -141,8 +149,8 @@ impl ProxyBuilder {
             dir,
         };
         let line = match line {
-            Ok(line) if !line.trim().is_empty() => line,
-            _ => panic!(
+            Some(line) => line,
+            None => panic!(
                 "outrigger-proxy did not report its listeners; log:\n{}",
                 proxy.logs()
             ),

@@ -41,6 +41,18 @@ pub use duration::parse_duration;
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{KINDS, SourceDocument, load_file, load_str, split_documents, to_yaml};
 
+/// A configuration version: FNV-1a of the text, in hex. Stable across
+/// builds and processes, so the sidecar and the control plane agree on it;
+/// not a security boundary.
+pub fn digest(bytes: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
 /// The gRPC API between sidecars and the control plane (`proto/`).
 pub mod proto {
     /// Policy discovery: the snapshot stream with ACK/NACK.

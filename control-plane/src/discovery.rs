@@ -115,22 +115,13 @@ fn record_from(first: &DiscoveryRequest, peer: SocketAddr) -> Result<ProxyRecord
             ))
         })?
     };
-    Ok(ProxyRecord {
-        proxy_id: node.proxy_id.clone(),
+    Ok(ProxyRecord::new(
+        node.proxy_id.clone(),
         workload,
         peer,
         advertise_ip,
-        proxy_version: node.proxy_version.clone(),
-        connected_since: SystemTime::now(),
-        disconnected_at: None,
-        inbound: Vec::new(),
-        sent_version: None,
-        sent_nonce: None,
-        sent_at: None,
-        acked_version: None,
-        acked_at: None,
-        last_nack: None,
-    })
+        node.proxy_version.clone(),
+    ))
 }
 
 fn inbound_ports(request: &DiscoveryRequest) -> Vec<(String, u16)> {

@@ -60,7 +60,7 @@ impl View {
             .or_insert_with(|| {
                 build_snapshot(&self.config, &self.registered, workload).map(|yaml| {
                     Arc::new(Snapshot {
-                        version: digest(yaml.as_bytes()),
+                        version: outrigger_config::digest(yaml.as_bytes()),
                         revision: self.revision,
                         yaml,
                     })
@@ -124,17 +124,6 @@ fn build_snapshot(
     Some(outrigger_config::to_yaml(&subset))
 }
 
-/// FNV-1a, as the sidecar uses for file versions: stable and cheap (not a
-/// security boundary).
-pub fn digest(bytes: &[u8]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
-
 /// A connected (or recently disconnected) sidecar.
 #[derive(Debug, Clone)]
 pub struct ProxyRecord {
@@ -165,6 +154,34 @@ pub struct Nack {
     pub reason: String,
     #[serde(serialize_with = "crate::timefmt::serialize")]
     pub at: SystemTime,
+}
+
+impl ProxyRecord {
+    /// A sidecar that just connected: nothing sent or acknowledged yet.
+    pub fn new(
+        proxy_id: String,
+        workload: ResourceRef,
+        peer: SocketAddr,
+        advertise_ip: IpAddr,
+        proxy_version: String,
+    ) -> Self {
+        Self {
+            proxy_id,
+            workload,
+            peer,
+            advertise_ip,
+            proxy_version,
+            connected_since: SystemTime::now(),
+            disconnected_at: None,
+            inbound: Vec::new(),
+            sent_version: None,
+            sent_nonce: None,
+            sent_at: None,
+            acked_version: None,
+            acked_at: None,
+            last_nack: None,
+        }
+    }
 }
 
 /// A sidecar's stream, from the registry's point of view.
@@ -370,22 +387,13 @@ spec: {service: api}
 ";
 
     fn record(workload: &str, proxy_id: &str) -> ProxyRecord {
-        ProxyRecord {
-            proxy_id: proxy_id.into(),
-            workload: ResourceRef::new("shop", workload),
-            peer: "127.0.0.1:5000".parse().unwrap(),
-            advertise_ip: "127.0.0.2".parse().unwrap(),
-            proxy_version: "t".into(),
-            connected_since: SystemTime::now(),
-            disconnected_at: None,
-            inbound: Vec::new(),
-            sent_version: None,
-            sent_nonce: None,
-            sent_at: None,
-            acked_version: None,
-            acked_at: None,
-            last_nack: None,
-        }
+        ProxyRecord::new(
+            proxy_id.into(),
+            ResourceRef::new("shop", workload),
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.2".parse().unwrap(),
+            "t".into(),
+        )
     }
 
     #[tokio::test]

@@ -75,7 +75,7 @@ pub fn load_str(source: &str, yaml: &str, workload: &str) -> anyhow::Result<Load
         .clone();
     let not_enforced = not_enforced(&config, &id);
     Ok(Loaded {
-        version: crate::state::digest(yaml.as_bytes()),
+        version: outrigger_config::digest(yaml.as_bytes()),
         source: source.to_string(),
         loaded_at: SystemTime::now(),
         workload: id,

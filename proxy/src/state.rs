@@ -116,14 +116,3 @@ impl ProxyState {
                 .is_some_and(|a| !a.listeners.is_empty())
     }
 }
-
-/// FNV-1a: a stable, dependency-free digest for config versions (not a
-/// security boundary).
-pub fn digest(bytes: &[u8]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
