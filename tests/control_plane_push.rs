@@ -318,6 +318,18 @@ async fn sidecars_fail_static_through_a_control_plane_crash_and_resync() {
     let revision = m.cp.revision().await;
     let grpc = m.cp.grpc;
     let pushes = metric(&m.web, "outrigger_policy_pushes_total").await;
+    // Registrations are saved within about half a second.
+    let api_port = m
+        .api
+        .current_listener("inbound/http")
+        .await
+        .expect("inbound")
+        .port();
+    let saved = m.data.path().join("registrations.json");
+    eventually("api's registration to be saved", || async {
+        std::fs::read_to_string(&saved).is_ok_and(|s| s.contains(&format!(",{api_port}]")))
+    })
+    .await;
 
     m.cp.kill();
     // No control plane: traffic flows on the last good policy.
@@ -329,10 +341,27 @@ async fn sidecars_fail_static_through_a_control_plane_crash_and_resync() {
     })
     .await;
 
-    // Restarted from the same data dir, on the same gRPC port.
+    // Restarted from the same data dir, on the same gRPC port, while the
+    // api sidecar cannot reconnect yet (stopped): the control plane still
+    // serves api's endpoint from the registrations it saved, so web is not
+    // pushed a snapshot without it.
+    let api_inbound = m
+        .api
+        .current_listener("inbound/http")
+        .await
+        .expect("inbound");
+    m.api.signal("STOP");
     let grpc_arg = grpc.to_string();
     m.cp = ControlPlane::start_with(m.data.path(), &["--grpc-addr", &grpc_arg]).await;
     assert_eq!(m.cp.revision().await, revision);
+    let (_, snapshot) = m.cp.snapshot("shop/web").await;
+    assert!(snapshot.contains(&api_inbound.to_string()), "{snapshot}");
+    m.cp.wait_for_proxies("web to resync", |ps| {
+        ps.iter()
+            .any(|p| p["workload"] == "shop/web" && p["status"] == "SYNCED")
+    })
+    .await;
+    m.api.signal("CONT");
     m.cp.wait_synced(2).await;
     // Both reported the version they run: nothing needed pushing.
     assert_eq!(

@@ -142,28 +142,13 @@ async fn session(
 ) -> Result<(), Status> {
     let mut views = hub.subscribe();
     let mut nonce_counter: u64 = 0;
-    // A sidecar that runs a policy already can wait for the warm-up to
-    // end (see `Hub::warm_until`); one without a policy cannot.
-    let runs_a_policy = hub
-        .update(id, |p| p.acked_version.is_some())
-        .unwrap_or(false);
-    let mut held = runs_a_policy && Instant::now() < hub.warm_until;
-    let warm = tokio::time::sleep_until(hub.warm_until.into());
-    tokio::pin!(warm);
     // Push whatever the current View holds for this sidecar.
     views.mark_changed();
     loop {
         tokio::select! {
-            _ = &mut warm, if held => {
-                held = false;
-                views.mark_changed();
-            }
             changed = views.changed() => {
                 if changed.is_err() {
                     return Ok(()); // the server is shutting down
-                }
-                if held {
-                    continue;
                 }
                 let view = views.borrow_and_update().clone();
                 let Some((workload, sent)) = hub.update(id, |p| (p.workload.clone(), p.sent_version.clone())) else {

@@ -200,11 +200,26 @@ pub struct Hub {
     /// How long a disconnected sidecar's endpoints stay (it may be
     /// reconnecting).
     pub grace: Duration,
-    /// Until then, sidecars that already run a policy are not pushed to:
-    /// after a restart the control plane has no registered endpoints until
-    /// their sidecars reconnect, and pushing its partial view would take
-    /// working endpoints away from everyone.
-    pub warm_until: Instant,
+    /// Where registrations are saved (see
+    /// [`Hub::with_registrations_file`]); a write is due when notified.
+    registrations_file: Option<std::path::PathBuf>,
+    save_due: tokio::sync::Notify,
+}
+
+/// After a restart, how long the registrations saved by the previous run
+/// stay without their sidecar reconnecting: longer than a sidecar's
+/// longest reconnect backoff (30 s), so a healthy endpoint is not dropped
+/// just because its sidecar has not come back yet.
+pub const RESTORED_GRACE: Duration = Duration::from_secs(45);
+
+/// A registration as saved to disk.
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedRegistration {
+    proxy_id: String,
+    workload: String,
+    advertise_ip: IpAddr,
+    inbound: Vec<(String, u16)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -214,10 +229,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
+    #[cfg(test)]
     pub fn new(revision: u64, config: Arc<MeshConfig>, grace: Duration) -> Arc<Self> {
+        Self::with_registrations_file(revision, config, grace, None)
+    }
+
+    /// A hub that saves registered endpoints to `file` (at most about
+    /// twice a second) and starts from the ones saved there, so that a
+    /// restarted control plane serves the same endpoints while the
+    /// sidecars reconnect, instead of pushing snapshots without them.
+    /// Must be called within a tokio runtime when `file` is set.
+    pub fn with_registrations_file(
+        revision: u64,
+        config: Arc<MeshConfig>,
+        grace: Duration,
+        file: Option<std::path::PathBuf>,
+    ) -> Arc<Self> {
         let view = View::new(revision, config.clone(), BTreeMap::new());
         let (views, _) = watch::channel(Arc::new(view));
-        Arc::new(Self {
+        let hub = Arc::new(Self {
             policy: Mutex::new((revision, config)),
             registry: Mutex::new(Registry {
                 next: 1,
@@ -225,8 +255,120 @@ impl Hub {
             }),
             views,
             grace,
-            warm_until: Instant::now() + grace,
-        })
+            registrations_file: file,
+            save_due: tokio::sync::Notify::new(),
+        });
+        if hub.registrations_file.is_some() {
+            hub.restore_registrations();
+            let saver = hub.clone();
+            tokio::spawn(async move {
+                loop {
+                    saver.save_due.notified().await;
+                    // Coalesce a burst of (re)connections into one write.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    saver.save_registrations();
+                }
+            });
+        }
+        hub
+    }
+
+    /// Loads the registrations the previous run saved, as disconnected
+    /// sidecars that get [`RESTORED_GRACE`] to come back.
+    fn restore_registrations(self: &Arc<Self>) {
+        let Some(path) = &self.registrations_file else {
+            return;
+        };
+        let saved: Vec<SavedRegistration> = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(saved) => saved,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring damaged saved registrations");
+                    return;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read saved registrations");
+                return;
+            }
+        };
+        let mut ids = Vec::new();
+        {
+            let mut registry = lock(&self.registry);
+            for s in saved {
+                let Some((ns, name)) = s.workload.split_once('/') else {
+                    continue;
+                };
+                let mut record = ProxyRecord::new(
+                    s.proxy_id,
+                    ResourceRef::new(ns, name),
+                    SocketAddr::new(s.advertise_ip, 0),
+                    s.advertise_ip,
+                    String::new(),
+                );
+                record.inbound = s.inbound;
+                record.disconnected_at = Some(SystemTime::now());
+                let id = registry.next;
+                registry.next += 1;
+                registry.proxies.insert(id, record);
+                ids.push(id);
+            }
+        }
+        tracing::info!(count = ids.len(), grace = ?RESTORED_GRACE, "restored the endpoint registrations of the previous run");
+        for id in ids {
+            self.expire_after(id, RESTORED_GRACE);
+        }
+        self.publish(true);
+    }
+
+    fn save_registrations(&self) {
+        let Some(path) = &self.registrations_file else {
+            return;
+        };
+        let saved: Vec<SavedRegistration> = lock(&self.registry)
+            .proxies
+            .values()
+            .filter(|p| !p.inbound.is_empty())
+            .map(|p| SavedRegistration {
+                proxy_id: p.proxy_id.clone(),
+                workload: p.workload.to_string(),
+                advertise_ip: p.advertise_ip,
+                inbound: p.inbound.clone(),
+            })
+            .collect();
+        // Written to a temporary name and renamed: a crash leaves the old
+        // file or the new one. Not fsynced: it only has to outlive the
+        // process, not the machine.
+        let tmp = path.with_extension("tmp");
+        let result = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save endpoint registrations");
+        }
+    }
+
+    /// Removes a disconnected record after `after`, unless it reconnected.
+    fn expire_after(self: &Arc<Self>, id: ConnId, after: Duration) {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let removed = {
+                let mut registry = lock(&hub.registry);
+                match registry.proxies.get(&id) {
+                    Some(p) if p.disconnected_at.is_some() => {
+                        registry.proxies.remove(&id).is_some()
+                    }
+                    _ => false,
+                }
+            };
+            if removed {
+                hub.publish(false);
+                hub.save_due.notify_one();
+            }
+        });
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
@@ -263,6 +405,13 @@ impl Hub {
     pub fn connect(&self, mut record: ProxyRecord) -> ConnId {
         let id = {
             let mut registry = lock(&self.registry);
+            if registry
+                .proxies
+                .values()
+                .any(|p| p.proxy_id == record.proxy_id && p.disconnected_at.is_none())
+            {
+                tracing::warn!(proxy = %record.proxy_id, "two connected sidecars share this proxy id; give each its own --proxy-id");
+            }
             registry
                 .proxies
                 .retain(|_, p| !(p.proxy_id == record.proxy_id && p.disconnected_at.is_some()));
@@ -292,6 +441,7 @@ impl Hub {
             .unwrap_or(false);
         if changed {
             self.publish(false);
+            self.save_due.notify_one();
         }
     }
 
@@ -305,22 +455,7 @@ impl Hub {
             return;
         }
         metrics::gauge!("outrigger_cp_connected_proxies").decrement(1.0);
-        let hub = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(hub.grace).await;
-            let removed = {
-                let mut registry = lock(&hub.registry);
-                match registry.proxies.get(&id) {
-                    Some(p) if p.disconnected_at.is_some() => {
-                        registry.proxies.remove(&id).is_some()
-                    }
-                    _ => false,
-                }
-            };
-            if removed {
-                hub.publish(false);
-            }
-        });
+        self.expire_after(id, self.grace);
     }
 
     pub fn proxies(&self) -> Vec<ProxyRecord> {

@@ -22,6 +22,9 @@ use crate::{api, auth, discovery, timefmt};
 
 /// The store's file inside the data dir.
 pub const STORE_FILE: &str = "store.redb";
+/// Endpoints registered by sidecars, kept across restarts (live state, not
+/// policy: not in the store, not in backups).
+pub const REGISTRATIONS_FILE: &str = "registrations.json";
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -61,14 +64,22 @@ pub enum WriteError {
 }
 
 impl ControlPlane {
+    /// `registrations`: where registered endpoints are saved across
+    /// restarts (see `Hub::with_registrations_file`).
     pub fn open(
         store: Arc<dyn Store>,
         token: String,
         grace: Duration,
+        registrations: Option<PathBuf>,
     ) -> anyhow::Result<Arc<Self>> {
         let revisions = store.all()?;
         let state = PolicyState::replay(&revisions)?;
-        let hub = Hub::new(state.revision, state.config.clone(), grace);
+        let hub = Hub::with_registrations_file(
+            state.revision,
+            state.config.clone(),
+            grace,
+            registrations,
+        );
         metrics::gauge!("outrigger_cp_revision").set(state.revision as f64);
         Ok(Arc::new(Self {
             store,
@@ -182,7 +193,12 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         restore(&store, backup)?;
     }
     let token = auth::load_or_create(&options.data_dir)?;
-    let control_plane = ControlPlane::open(Arc::new(store), token, options.endpoint_grace)?;
+    let control_plane = ControlPlane::open(
+        Arc::new(store),
+        token,
+        options.endpoint_grace,
+        Some(options.data_dir.join(REGISTRATIONS_FILE)),
+    )?;
     tracing::info!(
         revision = control_plane.state().revision,
         store = %store_path.display(),
