@@ -249,11 +249,15 @@ fn check_served_protocols(
     config: &MeshConfig,
     errors: &mut Vec<ConfigError>,
 ) {
+    let workload_documents: HashMap<&ResourceRef, &Document> = documents
+        .iter()
+        .filter(|d| d.kind == Kind::Workload)
+        .map(|d| (&d.id, d))
+        .collect();
+    let services: HashMap<&ResourceRef, &Service> =
+        config.services.iter().map(|s| (&s.id, s)).collect();
     for workload in &config.workloads {
-        let Some(document) = documents
-            .iter()
-            .find(|d| d.kind == Kind::Workload && d.id == workload.id)
-        else {
+        let Some(document) = workload_documents.get(&workload.id) else {
             continue;
         };
         let mut ctx = Ctx {
@@ -266,7 +270,7 @@ fn check_served_protocols(
             let Some(served) = &listener.service else {
                 continue;
             };
-            let Some(service) = config.services.iter().find(|s| &s.id == served) else {
+            let Some(service) = services.get(served) else {
                 continue;
             };
             if service.protocol != listener.protocol {
@@ -445,6 +449,9 @@ fn validate_service(
         ctx.check("spec.identity", checked)
     });
     let mut endpoints: Vec<Endpoint> = Vec::new();
+    // Address -> index of its first appearance; a map, since services
+    // can list thousands of endpoints.
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
     for (i, raw) in items(&spec.endpoints).iter().enumerate() {
         let field = format!("spec.endpoints[{i}].address");
         let Some(address) = &raw.address else {
@@ -454,11 +461,13 @@ fn validate_service(
         let Ok(address) = socket_address(address).map_err(|e| ctx.err(&field, e)) else {
             continue;
         };
-        if let Some(first) = endpoints.iter().position(|e| e.address == address) {
+        if let Some(first) = seen.get(&address) {
             ctx.err(
                 &field,
                 format!("duplicate endpoint {address}: also at spec.endpoints[{first}]"),
             );
+        } else {
+            seen.insert(address, i);
         }
         endpoints.push(Endpoint { address });
     }
