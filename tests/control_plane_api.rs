@@ -5,6 +5,7 @@
 
 use outrigger_e2e::control_plane::ControlPlane;
 use serde_json::Value;
+use std::time::{Duration, Instant};
 
 const POLICY: &str = "\
 apiVersion: outrigger.io/v1alpha1
@@ -28,6 +29,20 @@ fn run(cmd: &mut std::process::Command) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Waits for a process that should exit on its own, killing it (and
+/// failing) if it does not.
+fn exits_within(mut child: std::process::Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 #[tokio::test]
@@ -152,7 +167,8 @@ async fn apply_get_conflict_and_precise_validation_errors() {
     let one = cp
         .get_json("/api/v1/resources/workload/web?namespace=shop")
         .await;
-    assert_eq!(one["items"][0]["spec"]["outbound"][0]["service"], "api");
+    assert_eq!(one["kind"], "Workload");
+    assert_eq!(one["spec"]["outbound"][0]["service"], "api");
     let (status, yaml) = cp
         .call(
             "GET",
@@ -269,7 +285,15 @@ async fn state_survives_sigkill_and_backup_restores_a_fresh_data_dir() {
     assert_eq!(restored.snapshot("shop/web").await, snapshot);
     drop(restored);
 
-    // A restore never overwrites a store that has history.
+    // Restarting with `--restore` still set is harmless: the store already
+    // holds exactly that backup.
+    let restored =
+        ControlPlane::start_with(fresh.path(), &["--restore", backup.to_str().unwrap()]).await;
+    assert_eq!(restored.get_json("/api/v1/revisions").await, before);
+    restored.apply(&POLICY.replace("9001", "9005")).await;
+    drop(restored);
+
+    // A restore never overwrites a store that has other history.
     let out = std::process::Command::new(outrigger_e2e::proxy::bin_path("outrigger"))
         .args([
             "serve",
@@ -284,8 +308,11 @@ async fn state_survives_sigkill_and_backup_restores_a_fresh_data_dir() {
         .arg(fresh.path())
         .arg("--restore")
         .arg(&backup)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let out = exits_within(out, Duration::from_secs(30));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("fresh data dir"), "{stderr}");
@@ -398,4 +425,130 @@ async fn the_cli_is_a_thin_client_with_terminal_habits() {
         .args(["get", "workloads"]));
     assert!(ok, "{stderr}");
     assert!(stdout.contains("web"), "{stdout}");
+}
+
+#[tokio::test]
+async fn dry_runs_lists_and_bad_requests_change_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(data.path()).await;
+    cp.apply(POLICY).await;
+
+    // A dry run answers with the diff and writes nothing.
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply?dryRun=true",
+            Some(("application/yaml", &POLICY.replace("9001", "9002"))),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["dryRun"], true);
+    assert_eq!(answer["changes"][0]["op"], "updated");
+    assert!(
+        answer["changes"][0]["diff"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:9002"),
+        "{body}"
+    );
+    let (status, body) = cp
+        .call(
+            "DELETE",
+            "/api/v1/resources/workload/shop%2Fweb?dryRun=true",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cp.revision().await, 1);
+    let (ok, stdout, stderr) =
+        run(cp
+            .cli()
+            .args(["delete", "workload", "web", "-n", "shop", "--dry-run"]));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("dry run: nothing changed"), "{stdout}");
+    assert_eq!(cp.revision().await, 1);
+
+    // Bad requests are 400 with a JSON message, and change nothing.
+    for (method, path, body) in [
+        (
+            "POST",
+            "/api/v1/apply?dryrun=true",
+            Some(("application/yaml", POLICY)),
+        ),
+        (
+            "POST",
+            "/api/v1/apply",
+            Some(("application/yaml", "kind: [unclosed")),
+        ),
+        ("GET", "/api/v1/resources/svc?output=xml", None),
+        ("GET", "/api/v1/resources/svc/a%2Fb?namespace=c", None),
+    ] {
+        let (status, text) = cp.call(method, path, body, None).await;
+        assert_eq!(status, 400, "{method} {path}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON: {text}"));
+        assert!(error["error"].is_string(), "{text}");
+    }
+    assert_eq!(cp.revision().await, 1);
+
+    // The mesh keeps its one name.
+    let mesh = "apiVersion: outrigger.io/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {}\n";
+    cp.apply(mesh).await;
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply",
+            Some((
+                "application/yaml",
+                &mesh.replace("name: mesh", "name: other"),
+            )),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("metadata.name"), "{body}");
+    assert_eq!(cp.revision().await, 2);
+
+    // A YAML List applies like its items.
+    let list = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: outrigger.io/v1alpha1\n  kind: Service\n  metadata: {name: db, namespace: shop}\n  spec: {protocol: tcp}\n";
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/apply",
+            Some(("application/yaml", list)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cp.revision().await, 3);
+
+    // What `get -o json` prints applies back as no change.
+    let (ok, json, _) = run(cp.cli().args(["get", "all", "-o", "json"]));
+    assert!(ok);
+    let mut child = cp
+        .cli()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("unchanged"), "{stdout}");
+    assert_eq!(cp.revision().await, 3);
 }

@@ -133,7 +133,8 @@ pub struct SourceDocument {
     pub kind: &'static str,
     /// For the Mesh, the namespace is empty.
     pub id: ResourceRef,
-    /// The document as YAML: keys and values as written, comments dropped.
+    /// The document as YAML, with every mapping's keys sorted and comments
+    /// dropped, so that layout and key order do not count as changes.
     pub yaml: String,
 }
 
@@ -166,8 +167,8 @@ pub fn split_documents(source_name: &str, yaml: &str) -> Result<Vec<SourceDocume
         .map_err(|e| ConfigError::new(source_name, format!("invalid YAML: {e}")))?;
     let mut out = Vec::with_capacity(documents.len());
     for document in documents {
-        let value = values.get(document.index - 1).unwrap_or(&Value::Null);
-        let yaml = serde_norway::to_string(value).map_err(|e| ConfigError {
+        let value = sorted(values.get(document.index - 1).unwrap_or(&Value::Null));
+        let yaml = serde_norway::to_string(&value).map_err(|e| ConfigError {
             document: Some(document.index),
             resource: Some(document.resource()),
             ..ConfigError::new(source_name, format!("cannot write the document back: {e}"))
@@ -180,6 +181,31 @@ pub fn split_documents(source_name: &str, yaml: &str) -> Result<Vec<SourceDocume
         });
     }
     Ok(out)
+}
+
+/// `value` with the keys of every mapping in it sorted.
+fn sorted(value: &Value) -> Value {
+    match value {
+        Value::Mapping(map) => {
+            let mut entries: Vec<(&Value, &Value)> = map.iter().collect();
+            entries.sort_by_cached_key(|(k, _)| match k {
+                Value::String(s) => s.clone(),
+                other => serde_norway::to_string(other).unwrap_or_default(),
+            });
+            Value::Mapping(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), sorted(v)))
+                    .collect(),
+            )
+        }
+        Value::Sequence(items) => Value::Sequence(items.iter().map(sorted).collect()),
+        Value::Tagged(tagged) => Value::Tagged(Box::new(serde_norway::value::TaggedValue {
+            tag: tagged.tag.clone(),
+            value: sorted(&tagged.value),
+        })),
+        other => other.clone(),
+    }
 }
 
 /// Splits the stream and parses each document, pushing per-document errors

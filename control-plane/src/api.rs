@@ -55,6 +55,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/api/v1/backup", get(backup))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), require_token))
+        .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(16 * 1024 * 1024))
         .with_state(cp)
 }
@@ -130,6 +131,15 @@ impl From<WriteError> for ApiError {
     fn from(e: WriteError) -> Self {
         match e {
             WriteError::Plan(PlanError::BadRequest(m)) => Self::new(StatusCode::BAD_REQUEST, m),
+            // A stream that is not YAML at all cannot be read: 400, as
+            // for JSON that does not parse.
+            WriteError::Plan(PlanError::Invalid(errors))
+                if errors.iter().all(|e| e.reason.starts_with("invalid YAML")) =>
+            {
+                let mut error = Self::invalid(errors);
+                error.status = StatusCode::BAD_REQUEST;
+                error
+            }
             WriteError::Plan(PlanError::Invalid(errors)) => Self::invalid(errors),
             WriteError::Plan(PlanError::NotFound(m)) => Self::new(StatusCode::NOT_FOUND, m),
             WriteError::Plan(PlanError::Stale(m)) => Self::new(StatusCode::CONFLICT, m),
@@ -141,13 +151,47 @@ impl From<WriteError> for ApiError {
     }
 }
 
+/// Errors axum makes itself (a query that does not parse, a body over the
+/// limit, a wrong method) come as plain text; answer them in the API's
+/// JSON error shape like every other error.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut error = ApiError::new(status, text);
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        error.message = format!(
+            "{}: see the API list in docs/CONTROL_PLANE.md",
+            error.message
+        );
+    }
+    let mut response = error.into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        response.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    response
+}
+
 async fn require_token(State(cp): State<Cp>, request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.split_once(' '))
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match presented {
         Some(token) if crate::auth::same(token, &cp.token) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response(),
@@ -178,9 +222,11 @@ fn author(headers: &HeaderMap) -> String {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ApplyQuery {
     expected_revision: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 async fn apply(
@@ -208,13 +254,14 @@ async fn apply(
     let yaml = if is_json {
         json_to_yaml(&source, text)?
     } else {
-        text.to_string()
+        expand_yaml_lists(&source, text)?.unwrap_or_else(|| text.to_string())
     };
     let outcome = cp
         .write(
             &author(&headers),
             "apply".to_string(),
             query.expected_revision,
+            query.dry_run,
             |state, _| state.plan_apply(&source, &yaml),
         )
         .await?;
@@ -254,8 +301,64 @@ fn json_to_yaml(source: &str, text: &str) -> Result<String, ApiError> {
     Ok(out.join("---\n"))
 }
 
+/// A YAML stream with a `kind: List` document in it becomes the stream of
+/// its items (what `outrigger get -o yaml` of a List would give); `None`
+/// when there is no List, so document numbers in errors stay the user's.
+fn expand_yaml_lists(source: &str, text: &str) -> Result<Option<String>, ApiError> {
+    if !text.contains("List") {
+        return Ok(None);
+    }
+    let mut documents = Vec::new();
+    let mut expanded = false;
+    for document in serde_norway::Deserializer::from_str(text) {
+        // A stream that does not parse is left to the config crate, whose
+        // message says where.
+        let Ok(value) = serde_norway::Value::deserialize(document) else {
+            return Ok(None);
+        };
+        match value.get("kind").and_then(serde_norway::Value::as_str) {
+            Some("List") => {
+                expanded = true;
+                let Some(serde_norway::Value::Sequence(items)) = value.get("items") else {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("{source}: a List needs an items sequence"),
+                    ));
+                };
+                documents.extend(items.iter().cloned());
+            }
+            _ => documents.push(value),
+        }
+    }
+    if !expanded {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for document in &documents {
+        out.push(
+            serde_norway::to_string(document)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{source}: {e}")))?,
+        );
+    }
+    Ok(Some(out.join("---\n")))
+}
+
 fn outcome_response(outcome: Outcome) -> Response {
     match outcome {
+        Outcome::DryRun { revision, changes } => axum::Json(json!({
+            "revision": revision,
+            "dryRun": true,
+            "unchanged": changes.is_empty(),
+            "changes": changes.iter().map(|c| {
+                let mut v = change_summary(c);
+                v["diff"] = Value::String(line_diff(
+                    c.before.as_deref().unwrap_or(""),
+                    c.after.as_deref().unwrap_or(""),
+                ));
+                v
+            }).collect::<Vec<_>>(),
+        }))
+        .into_response(),
         Outcome::Unchanged { revision } => {
             axum::Json(json!({ "revision": revision, "unchanged": true, "changes": [] }))
                 .into_response()
@@ -279,9 +382,27 @@ fn change_summary(change: &Change) -> Value {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct GetQuery {
     namespace: Option<String>,
-    output: Option<String>,
+    output: Option<Format>,
+}
+
+/// `?output=`: JSON is the default.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Format {
+    Json,
+    Yaml,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DeleteQuery {
+    namespace: Option<String>,
+    expected_revision: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 async fn list_all(
@@ -312,17 +433,21 @@ async fn get_one(
 }
 
 /// `NAME` with `?namespace=`, or `NAMESPACE/NAME` (URL-encoded slash).
-fn resource_key(kind: &'static str, name: &str, namespace: Option<&str>) -> Key {
+fn resource_key(kind: &'static str, name: &str, namespace: Option<&str>) -> Result<Key, ApiError> {
     if kind == "Mesh" {
-        return Key::new(kind, "", name);
+        return Ok(Key::new(kind, "", name));
     }
-    match name.split_once('/') {
-        Some((ns, name)) => Key::new(kind, ns, name),
-        None => Key::new(
+    match (name.split_once('/'), namespace) {
+        (Some((ns, _)), Some(other)) if ns != other => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?} names namespace {ns:?}, but the namespace asked for is {other:?}"),
+        )),
+        (Some((ns, name)), _) => Ok(Key::new(kind, ns, name)),
+        (None, namespace) => Ok(Key::new(
             kind,
             namespace.unwrap_or(outrigger_config::DEFAULT_NAMESPACE),
             name,
-        ),
+        )),
     }
 }
 
@@ -336,7 +461,8 @@ fn list(
     let wanted = name
         .as_deref()
         .zip(kind)
-        .map(|(name, kind)| resource_key(kind, name, query.namespace.as_deref()));
+        .map(|(name, kind)| resource_key(kind, name, query.namespace.as_deref()))
+        .transpose()?;
     let mut items: Vec<(&Key, &String)> = state
         .resources
         .iter()
@@ -366,7 +492,7 @@ fn list(
             format!("{w} not found"),
         ));
     }
-    if query.output.as_deref() == Some("yaml") {
+    if query.output == Some(Format::Yaml) {
         let yaml = items
             .iter()
             .map(|(_, y)| y.as_str())
@@ -384,6 +510,12 @@ fn list(
         })?;
         documents.push(value);
     }
+    // One named resource comes back as itself, as kubectl does.
+    if wanted.is_some()
+        && let [one] = documents.as_slice()
+    {
+        return Ok(axum::Json(one.clone()).into_response());
+    }
     Ok(axum::Json(json!({
         "apiVersion": outrigger_config::API_VERSION,
         "kind": "List",
@@ -396,17 +528,21 @@ fn list(
 async fn delete_one(
     State(cp): State<Cp>,
     Path((kind, name)): Path<(String, String)>,
-    Query(query): Query<GetQuery>,
+    Query(query): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let kind = kind_named(&kind)
         .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, unknown_kind(&kind)))?;
-    let key = resource_key(kind, &name, query.namespace.as_deref());
+    let key = resource_key(kind, &name, query.namespace.as_deref())?;
     let action = format!("delete {key}");
     let outcome = cp
-        .write(&author(&headers), action, None, |state, _| {
-            state.plan_delete(&key)
-        })
+        .write(
+            &author(&headers),
+            action,
+            query.expected_revision,
+            query.dry_run,
+            |state, _| state.plan_delete(&key),
+        )
         .await?;
     Ok(outcome_response(outcome))
 }
@@ -460,6 +596,8 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
 struct RollbackBody {
     revision: u64,
     expected_revision: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 async fn rollback(
@@ -479,6 +617,7 @@ async fn rollback(
             &author(&headers),
             format!("rollback to {target}"),
             body.expected_revision,
+            body.dry_run,
             |state, log| state.plan_rollback(log, target),
         )
         .await?;

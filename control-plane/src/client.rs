@@ -23,18 +23,40 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15011";
 pub struct Connection {
     /// The control plane's REST API, e.g. http://127.0.0.1:15011 (default:
     /// from the CLI config file, else http://127.0.0.1:15011).
-    #[arg(long, env = "OUTRIGGER_SERVER", global = true)]
+    #[arg(long, env = "OUTRIGGER_SERVER")]
     pub server: Option<String>,
     /// The API token.
-    #[arg(long, env = "OUTRIGGER_TOKEN", global = true, hide_env_values = true)]
+    #[arg(long, env = "OUTRIGGER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// A file holding the API token (e.g. <data-dir>/admin-token).
-    #[arg(long, env = "OUTRIGGER_TOKEN_FILE", global = true)]
+    #[arg(long, env = "OUTRIGGER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// The CLI config file (YAML with `server`, `token` or `tokenFile`);
     /// default ~/.config/outrigger/config.yaml if it exists.
-    #[arg(long, env = "OUTRIGGER_CLI_CONFIG", global = true)]
+    #[arg(long, env = "OUTRIGGER_CLI_CONFIG")]
     pub cli_config: Option<PathBuf>,
+    /// Give up on a request after this long, e.g. 30s.
+    #[arg(long, env = "OUTRIGGER_REQUEST_TIMEOUT", default_value = "30s",
+          value_parser = |s: &str| outrigger_config::parse_duration(s))]
+    pub request_timeout: Duration,
+}
+
+/// Writes to stdout. A closed pipe (`outrigger history | head -1`) ends
+/// the program quietly, as command-line tools do, instead of a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => { out(&format!("{}\n", format_args!($($arg)*))) };
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +71,7 @@ struct CliConfig {
 pub struct Api {
     base: String,
     token: String,
+    timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -85,6 +108,7 @@ impl Api {
         Ok(Self {
             base,
             token,
+            timeout: connection.request_timeout,
             client,
         })
     }
@@ -119,24 +143,42 @@ impl Api {
         let request = builder
             .body(Full::new(body))
             .context("building the request")?;
-        let response = tokio::time::timeout(Duration::from_secs(60), self.client.request(request))
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .with_context(|| format!("{url}: reading the answer"))?
+                .to_bytes();
+            anyhow::Ok((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
             .await
-            .with_context(|| format!("{url}: no answer within 60s"))?
-            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .with_context(|| format!("{url}: reading the answer"))?
-            .to_bytes();
+            .with_context(|| {
+                format!(
+                    "{url}: no answer within {:?} (--request-timeout)",
+                    self.timeout
+                )
+            })??;
         if status.is_success() {
             return Ok(bytes);
         }
         let message = serde_json::from_slice::<Value>(&bytes)
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            .unwrap_or_else(|| match String::from_utf8_lossy(&bytes).trim() {
+                "" => {
+                    "the server answered with an empty body (is this an Outrigger control plane?)"
+                        .to_string()
+                }
+                text => text.to_string(),
+            });
         bail!("{message}\n(HTTP {} from {url})", status_text(status))
     }
 
@@ -188,7 +230,28 @@ pub enum Output {
     Json,
 }
 
-pub async fn apply(api: &Api, file: &Path, expected_revision: Option<u64>) -> anyhow::Result<()> {
+/// `?expectedRevision=N&dryRun=true` as asked.
+fn write_query(expected_revision: Option<u64>, dry_run: bool) -> String {
+    let mut query = Vec::new();
+    if let Some(n) = expected_revision {
+        query.push(format!("expectedRevision={n}"));
+    }
+    if dry_run {
+        query.push("dryRun=true".to_string());
+    }
+    if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
+    }
+}
+
+pub async fn apply(
+    api: &Api,
+    file: &Path,
+    expected_revision: Option<u64>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
     let (source, text) = if file == Path::new("-") {
         let mut text = String::new();
         std::io::stdin()
@@ -200,15 +263,14 @@ pub async fn apply(api: &Api, file: &Path, expected_revision: Option<u64>) -> an
             .with_context(|| format!("cannot read {}", file.display()))?;
         (file.display().to_string(), text)
     };
-    let content_type = if file.extension().is_some_and(|e| e == "json") {
+    // JSON by name or by content (`outrigger get -o json | outrigger apply -f -`).
+    let looks_like_json = text.trim_start().starts_with(['{', '[']);
+    let content_type = if looks_like_json || file.extension().is_some_and(|e| e == "json") {
         "application/json"
     } else {
         "application/yaml"
     };
-    let path = match expected_revision {
-        Some(n) => format!("/api/v1/apply?expectedRevision={n}"),
-        None => "/api/v1/apply".to_string(),
-    };
+    let path = format!("/api/v1/apply{}", write_query(expected_revision, dry_run));
     let answer = api
         .call(
             Method::POST,
@@ -225,11 +287,27 @@ pub async fn apply(api: &Api, file: &Path, expected_revision: Option<u64>) -> an
 fn print_outcome(answer: &Value) {
     let revision = &answer["revision"];
     if answer["unchanged"].as_bool() == Some(true) {
-        println!("unchanged (revision {revision})");
+        say!("unchanged (revision {revision})");
+        return;
+    }
+    if answer["dryRun"].as_bool() == Some(true) {
+        for change in answer["changes"].as_array().into_iter().flatten() {
+            say!(
+                "\n{} {} (dry run):",
+                resource_label(
+                    change["kind"].as_str().unwrap_or(""),
+                    change["namespace"].as_str().unwrap_or(""),
+                    change["name"].as_str().unwrap_or("")
+                ),
+                change["op"].as_str().unwrap_or("")
+            );
+            out(change["diff"].as_str().unwrap_or(""));
+        }
+        say!("\ndry run: nothing changed (still revision {revision})");
         return;
     }
     for change in answer["changes"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "{} {}",
             resource_label(
                 change["kind"].as_str().unwrap_or(""),
@@ -239,7 +317,7 @@ fn print_outcome(answer: &Value) {
             change["op"].as_str().unwrap_or("")
         );
     }
-    println!("revision {revision}");
+    say!("revision {revision}");
 }
 
 fn resource_label(kind: &str, namespace: &str, name: &str) -> String {
@@ -287,10 +365,10 @@ pub async fn get(
     }
     let bytes = api.call(Method::GET, &path, None, &[]).await?;
     match output {
-        Output::Yaml => print!("{}", String::from_utf8_lossy(&bytes)),
+        Output::Yaml => out(&String::from_utf8_lossy(&bytes)),
         Output::Json => {
             let value: Value = serde_json::from_slice(&bytes)?;
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            say!("{}", serde_json::to_string_pretty(&value)?);
         }
         Output::Table => {
             let value: Value = serde_json::from_slice(&bytes)?;
@@ -336,9 +414,9 @@ fn describe(item: &Value) -> String {
         ),
         "TrafficPolicy" => format!("service {}", spec["service"].as_str().unwrap_or("")),
         "AuthorizationPolicy" => format!(
-            "workload {}, {} rules",
+            "workload {}, {}",
             spec["workload"].as_str().unwrap_or(""),
-            count(&spec["rules"])
+            plural(count(&spec["rules"]), "rule", "rules")
         ),
         "Mesh" => format!(
             "trust domain {}",
@@ -353,10 +431,18 @@ pub async fn delete(
     kind: &str,
     name: &str,
     namespace: Option<&str>,
+    expected_revision: Option<u64>,
+    dry_run: bool,
 ) -> anyhow::Result<()> {
-    let mut path = format!("/api/v1/resources/{}/{}", encode(kind), encode(name));
+    let mut path = format!(
+        "/api/v1/resources/{}/{}{}",
+        encode(kind),
+        encode(name),
+        write_query(expected_revision, dry_run)
+    );
     if let Some(ns) = namespace {
-        path.push_str(&format!("?namespace={}", encode(ns)));
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str(&format!("namespace={}", encode(ns)));
     }
     let answer = api.call(Method::DELETE, &path, None, &[]).await?;
     print_outcome(&serde_json::from_slice(&answer)?);
@@ -366,7 +452,7 @@ pub async fn delete(
 pub async fn history(api: &Api, revision: Option<u64>) -> anyhow::Result<()> {
     if let Some(n) = revision {
         let r = api.get_json(&format!("/api/v1/revisions/{n}")).await?;
-        println!(
+        say!(
             "revision {}  {}  by {}  ({})",
             r["revision"],
             r["at"].as_str().unwrap_or(""),
@@ -374,7 +460,7 @@ pub async fn history(api: &Api, revision: Option<u64>) -> anyhow::Result<()> {
             r["action"].as_str().unwrap_or("")
         );
         for change in r["changes"].as_array().into_iter().flatten() {
-            println!(
+            say!(
                 "\n{} {}:",
                 change["op"].as_str().unwrap_or(""),
                 resource_label(
@@ -383,7 +469,7 @@ pub async fn history(api: &Api, revision: Option<u64>) -> anyhow::Result<()> {
                     change["name"].as_str().unwrap_or("")
                 )
             );
-            print!("{}", change["diff"].as_str().unwrap_or(""));
+            out(change["diff"].as_str().unwrap_or(""));
         }
         return Ok(());
     }
@@ -414,7 +500,7 @@ pub async fn history(api: &Api, revision: Option<u64>) -> anyhow::Result<()> {
                 r["at"].as_str().unwrap_or("").to_string(),
                 r["author"].as_str().unwrap_or("").to_string(),
                 r["action"].as_str().unwrap_or("").to_string(),
-                changes.join(", "),
+                summarize(&changes),
             ]
         })
         .collect();
@@ -426,8 +512,18 @@ pub async fn history(api: &Api, revision: Option<u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
-    let body = json!({ "revision": revision }).to_string();
+pub async fn rollback(
+    api: &Api,
+    revision: u64,
+    expected_revision: Option<u64>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let body = json!({
+        "revision": revision,
+        "expectedRevision": expected_revision,
+        "dryRun": dry_run,
+    })
+    .to_string();
     let answer = api
         .call(
             Method::POST,
@@ -442,19 +538,31 @@ pub async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
 
 pub async fn proxy_status(api: &Api, output: Output) -> anyhow::Result<()> {
     let value = api.get_json("/api/v1/proxies").await?;
-    if output != Output::Table {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+    match output {
+        Output::Json => {
+            say!("{}", serde_json::to_string_pretty(&value)?);
+            return Ok(());
+        }
+        Output::Yaml => {
+            out(&serde_norway::to_string(&value)?);
+            return Ok(());
+        }
+        Output::Table => {}
     }
     let rows: Vec<Vec<String>> = value["proxies"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|p| {
-            let nack = p["lastNack"]["reason"]
-                .as_str()
-                .map(|r| r.lines().next().unwrap_or("").to_string())
-                .unwrap_or_default();
+            // An old NACK is history once the sidecar has caught up; the
+            // JSON output keeps it, with its time.
+            let nack = match p["status"].as_str() {
+                Some("NACKED") => p["lastNack"]["reason"]
+                    .as_str()
+                    .map(|r| r.lines().next().unwrap_or("").to_string())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
             vec![
                 p["proxyId"].as_str().unwrap_or("").to_string(),
                 p["workload"].as_str().unwrap_or("").to_string(),
@@ -495,19 +603,38 @@ pub async fn backup(api: &Api, file: &Path) -> anyhow::Result<()> {
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut out = std::fs::OpenOptions::new()
+        let mut copy = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        out.write_all(&bytes)?;
-        out.sync_all()?;
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        copy.write_all(&bytes)?;
+        copy.sync_all()?;
     }
     std::fs::rename(&tmp, file).with_context(|| format!("cannot write {}", file.display()))?;
-    println!("backed up {revisions} revisions to {}", file.display());
+    say!("backed up {revisions} revisions to {}", file.display());
     Ok(())
+}
+
+/// The first few changes of a revision, then how many more.
+fn summarize(changes: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut text = changes
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if changes.len() > SHOWN {
+        text.push_str(&format!(", … ({} more)", changes.len() - SHOWN));
+    }
+    text
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
@@ -526,7 +653,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}   ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        say!("{}", out.trim_end());
     };
     line(headers.to_vec());
     for row in rows {

@@ -28,8 +28,6 @@ use client::{Api, Connection, Output};
     about = "Outrigger service mesh: the control plane and the operator CLI"
 )]
 struct Cli {
-    #[command(flatten)]
-    connection: Connection,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,9 +41,10 @@ enum Command {
         /// The file, or - for stdin.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
-        /// Refuse (409) unless the current revision is this one.
-        #[arg(long, value_name = "N")]
-        expected_revision: Option<u64>,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        connection: Connection,
     },
     /// Show resources: KIND is mesh, workload, service (svc),
     /// trafficpolicy (tp), authorizationpolicy (authz), or all.
@@ -57,6 +56,8 @@ enum Command {
         namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
+        #[command(flatten)]
+        connection: Connection,
     },
     /// Delete a resource (refused if others still refer to it).
     Delete {
@@ -65,18 +66,38 @@ enum Command {
         name: String,
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        connection: Connection,
     },
     /// List revisions, or show one revision's changes as a diff.
-    History { revision: Option<u64> },
+    History {
+        revision: Option<u64>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Go back to the policy of an earlier revision (as a new revision).
-    Rollback { revision: u64 },
+    Rollback {
+        revision: u64,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Show every connected sidecar and whether it runs the latest policy.
     ProxyStatus {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
+        #[command(flatten)]
+        connection: Connection,
     },
     /// Write a consistent copy of the store (while the server runs) to FILE.
-    Backup { file: PathBuf },
+    Backup {
+        file: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Check a policy file (multi-document YAML) and report every problem.
     Validate {
         /// The file to check.
@@ -90,6 +111,17 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// Options of the verbs that change the policy.
+#[derive(Debug, clap::Args)]
+struct WriteArgs {
+    /// Refuse (409) unless the current revision is this one.
+    #[arg(long, value_name = "N")]
+    expected_revision: Option<u64>,
+    /// Show what would change (with a diff); change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,7 +165,7 @@ fn main() -> ExitCode {
         Command::Demo { dir } => runtime(2)
             .and_then(|rt| rt.block_on(demo::run(dir)))
             .map_err(|e| e.context("outrigger demo failed")),
-        command => runtime(1).and_then(|rt| rt.block_on(client_command(&cli.connection, command))),
+        command => runtime(1).and_then(|rt| rt.block_on(client_command(command))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,28 +190,63 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
 }
 
-async fn client_command(connection: &Connection, command: Command) -> anyhow::Result<()> {
-    let api = Api::new(connection)?;
+async fn client_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Apply {
             file,
-            expected_revision,
-        } => client::apply(&api, &file, expected_revision).await,
+            write,
+            connection,
+        } => {
+            let api = Api::new(&connection)?;
+            client::apply(&api, &file, write.expected_revision, write.dry_run).await
+        }
         Command::Get {
             kind,
             name,
             namespace,
             output,
-        } => client::get(&api, &kind, name.as_deref(), namespace.as_deref(), output).await,
+            connection,
+        } => {
+            let api = Api::new(&connection)?;
+            client::get(&api, &kind, name.as_deref(), namespace.as_deref(), output).await
+        }
         Command::Delete {
             kind,
             name,
             namespace,
-        } => client::delete(&api, &kind, &name, namespace.as_deref()).await,
-        Command::History { revision } => client::history(&api, revision).await,
-        Command::Rollback { revision } => client::rollback(&api, revision).await,
-        Command::ProxyStatus { output } => client::proxy_status(&api, output).await,
-        Command::Backup { file } => client::backup(&api, &file).await,
+            write,
+            connection,
+        } => {
+            let api = Api::new(&connection)?;
+            let ns = namespace.as_deref();
+            client::delete(
+                &api,
+                &kind,
+                &name,
+                ns,
+                write.expected_revision,
+                write.dry_run,
+            )
+            .await
+        }
+        Command::History {
+            revision,
+            connection,
+        } => client::history(&Api::new(&connection)?, revision).await,
+        Command::Rollback {
+            revision,
+            write,
+            connection,
+        } => {
+            let api = Api::new(&connection)?;
+            client::rollback(&api, revision, write.expected_revision, write.dry_run).await
+        }
+        Command::ProxyStatus { output, connection } => {
+            client::proxy_status(&Api::new(&connection)?, output).await
+        }
+        Command::Backup { file, connection } => {
+            client::backup(&Api::new(&connection)?, &file).await
+        }
         Command::Serve(_) | Command::Validate { .. } | Command::Demo { .. } => {
             unreachable!("handled in main")
         }

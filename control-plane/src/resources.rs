@@ -145,10 +145,26 @@ impl PolicyState {
         let mut resources = self.resources.clone();
         let mut incoming = Vec::new();
         for document in &documents {
-            // There is one Mesh, whatever its name: a Mesh document
-            // replaces it.
-            if document.kind == "Mesh" {
-                resources.retain(|k, _| k.kind != "Mesh");
+            // There is one Mesh. Applying one under another name would
+            // silently replace it (its trust domain, its default
+            // authorization): refuse, as an apply never deletes.
+            if document.kind == "Mesh"
+                && let Some(existing) = self.resources.keys().find(|k| k.kind == "Mesh")
+                && existing.name != document.id.name
+            {
+                return Err(PlanError::Invalid(ConfigErrors::from(ConfigError {
+                    document: Some(document.index),
+                    resource: Some(format!("Mesh {}", document.id.name)),
+                    field: Some("metadata.name".to_string()),
+                    ..ConfigError::new(
+                        source,
+                        format!(
+                            "there is one Mesh and it is named {:?}: apply it under that name \
+                             (or delete Mesh {} first)",
+                            existing.name, existing.name
+                        ),
+                    )
+                })));
             }
             let key = Key::new(document.kind, &document.id.namespace, &document.id.name);
             resources.insert(key.clone(), document.yaml.clone());
@@ -452,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn a_mesh_document_replaces_the_mesh_whatever_its_name() {
+    fn the_mesh_keeps_its_name() {
         let mut log = Vec::new();
         let s0 = PolicyState::empty();
         let mesh = |name: &str| {
@@ -462,10 +478,30 @@ mod tests {
         };
         let plan = s0.plan_apply("m", &mesh("one")).unwrap().unwrap();
         let s1 = commit(&s0, &mut log, plan);
-        let plan = s1.plan_apply("m", &mesh("two")).unwrap().unwrap();
+        let err = s1.plan_apply("m", &mesh("two")).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "document 1 (Mesh two): metadata.name: there is one Mesh and it is named \"one\""
+            ),
+            "{err}"
+        );
+        let plan = s1
+            .plan_apply("m", &mesh("one").replace("{}", "{trustDomain: x.example}"))
+            .unwrap()
+            .unwrap();
         let s2 = commit(&s1, &mut log, plan);
         assert_eq!(s2.resources.len(), 1);
-        assert_eq!(s2.config.mesh.name, "two");
+        assert_eq!(s2.config.mesh.trust_domain, "x.example");
+    }
+
+    #[test]
+    fn key_order_and_layout_are_not_changes() {
+        let mut log = Vec::new();
+        let s0 = PolicyState::empty();
+        let plan = s0.plan_apply("a", API).unwrap().unwrap();
+        let s1 = commit(&s0, &mut log, plan);
+        let reordered = "spec:\n  endpoints:\n  - address: 127.0.0.1:1\nmetadata: {namespace: shop, name: api}\nkind: Service\napiVersion: outrigger.io/v1alpha1\n";
+        assert!(s1.plan_apply("b", reordered).unwrap().is_none());
     }
 
     #[test]

@@ -50,8 +50,15 @@ pub struct ControlPlane {
 
 /// What a write did.
 pub enum Outcome {
-    Unchanged { revision: u64 },
+    Unchanged {
+        revision: u64,
+    },
     Committed(Revision),
+    /// What the change would do, not done.
+    DryRun {
+        revision: u64,
+        changes: Vec<Change>,
+    },
 }
 
 /// Why a write failed.
@@ -110,6 +117,7 @@ impl ControlPlane {
         author: &str,
         action: String,
         expected: Option<u64>,
+        dry_run: bool,
         plan: impl FnOnce(&PolicyState, &[Revision]) -> Result<Option<Plan>, PlanError>,
     ) -> Result<Outcome, WriteError> {
         let _writer = self.writer.lock().await;
@@ -131,6 +139,12 @@ impl ControlPlane {
                 revision: current.revision,
             });
         };
+        if dry_run {
+            return Ok(Outcome::DryRun {
+                revision: current.revision,
+                changes: plan.changes,
+            });
+        }
         let revision = Revision {
             number: current.revision + 1,
             at_unix_ms: timefmt::now_unix_ms(),
@@ -188,9 +202,18 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("cannot create data dir {}", options.data_dir.display()))?;
     let store_path = options.data_dir.join(STORE_FILE);
+    // Read and check the backup before the store file is even created, so
+    // a bad backup leaves the data dir as it was.
+    let backup = match &options.restore {
+        Some(path) => Some((path, read_backup(path)?)),
+        None => None,
+    };
     let store = RedbStore::open(&store_path)?;
-    if let Some(backup) = &options.restore {
-        restore(&store, backup)?;
+    if let Some((path, backup)) = backup {
+        restore(&store, path, backup)?;
+    }
+    if !options.api_addr.ip().is_loopback() {
+        tracing::warn!(api = %options.api_addr, "the REST API listens beyond loopback over plain HTTP: the admin token crosses the network in clear text");
     }
     let token = auth::load_or_create(&options.data_dir)?;
     let control_plane = ControlPlane::open(
@@ -262,7 +285,7 @@ pub struct Backup {
 
 pub const BACKUP_FORMAT: &str = "outrigger-backup/v1";
 
-fn restore(store: &RedbStore, path: &Path) -> anyhow::Result<()> {
+fn read_backup(path: &Path) -> anyhow::Result<Backup> {
     let text =
         std::fs::read(path).with_context(|| format!("cannot read backup {}", path.display()))?;
     let backup: Backup = serde_json::from_slice(&text)
@@ -276,6 +299,18 @@ fn restore(store: &RedbStore, path: &Path) -> anyhow::Result<()> {
     // Refuse a backup whose policy would not load before writing anything.
     PolicyState::replay(&backup.revisions)
         .with_context(|| format!("{}: the backup's policy does not load", path.display()))?;
+    Ok(backup)
+}
+
+/// Imports `backup` into an empty store. A store that already holds
+/// exactly the backup (a restart with `--restore` still set) is left as it
+/// is; one with any other history is never overwritten.
+fn restore(store: &RedbStore, path: &Path, backup: Backup) -> anyhow::Result<()> {
+    let existing = store.all()?;
+    if !existing.is_empty() && existing == backup.revisions {
+        tracing::info!(backup = %path.display(), "the store already holds this backup; not restoring again");
+        return Ok(());
+    }
     store
         .import(&backup.revisions)
         .with_context(|| format!("cannot restore {}", path.display()))?;
