@@ -45,6 +45,60 @@ fn bad_flag_values_are_refused() {
         .run_expecting_failure();
     assert!(!status.success());
     assert!(stderr.contains("--drain-deadline"), "{stderr}");
+
+    // Control-plane mode: the address and the workload name are checked
+    // up front, not retried forever.
+    for (flags, expected) in [
+        (
+            [
+                "--control-plane",
+                "localhost:15010",
+                "--workload",
+                "shop/web",
+            ],
+            "expected http://HOST:PORT",
+        ),
+        (
+            [
+                "--control-plane",
+                "ftp://cp:15010",
+                "--workload",
+                "shop/web",
+            ],
+            "scheme \"ftp\"",
+        ),
+        (
+            [
+                "--control-plane",
+                "http://cp:15010/x",
+                "--workload",
+                "shop/web",
+            ],
+            "without a path",
+        ),
+        (
+            [
+                "--control-plane",
+                "http://cp:15010",
+                "--workload",
+                "Shop/web",
+            ],
+            "must be lowercase",
+        ),
+        (
+            ["--control-plane", "http://cp:15010", "--workload", "a/b/c"],
+            "not NAME or NAMESPACE/NAME",
+        ),
+    ] {
+        let out = std::process::Command::new(outrigger_e2e::proxy::bin_path("outrigger-proxy"))
+            .args(flags)
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .output()
+            .expect("run outrigger-proxy");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
 }
 
 #[tokio::test]

@@ -63,3 +63,4 @@ pub mod proto {
     }
 }
 pub use model::*;
+pub use validate::parse_workload_ref;

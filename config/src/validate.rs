@@ -888,6 +888,22 @@ fn each<T>(
 
 // === Field checks, each returning the reason on failure ===
 
+/// A workload as sidecars name it on their command line and to the control
+/// plane: `NAME` (in the default namespace) or `NAMESPACE/NAME`, each a
+/// DNS-1123 label.
+pub fn parse_workload_ref(s: &str) -> Result<ResourceRef, String> {
+    let (namespace, name) = match s.split_once('/') {
+        Some((namespace, name)) => (namespace, name),
+        None => (DEFAULT_NAMESPACE, s),
+    };
+    if name.contains('/') {
+        return Err(format!("{s:?} is not NAME or NAMESPACE/NAME"));
+    }
+    dns_label(namespace).map_err(|e| format!("namespace: {e}"))?;
+    dns_label(name).map_err(|e| format!("name: {e}"))?;
+    Ok(ResourceRef::new(namespace, name))
+}
+
 /// A Kubernetes-style DNS-1123 label: names, namespaces, service accounts.
 pub(crate) fn dns_label(s: &str) -> Result<(), String> {
     let problem = if s.is_empty() {
@@ -1081,4 +1097,20 @@ fn otlp_endpoint(s: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod workload_ref_tests {
+    use super::parse_workload_ref;
+
+    #[test]
+    fn workload_refs_are_name_or_namespace_slash_name() {
+        let web = parse_workload_ref("web").map(|r| r.to_string());
+        assert_eq!(web.as_deref(), Ok("default/web"));
+        let web = parse_workload_ref("shop/web").map(|r| r.to_string());
+        assert_eq!(web.as_deref(), Ok("shop/web"));
+        for bad in ["", "/web", "shop/", "a/b/c", "Web", "shop/we_b"] {
+            assert!(parse_workload_ref(bad).is_err(), "{bad:?}");
+        }
+    }
 }

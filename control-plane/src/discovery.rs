@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures_util::Stream;
-use outrigger_config::ResourceRef;
 use outrigger_config::proto::discovery::policy_discovery_server::{
     PolicyDiscovery, PolicyDiscoveryServer,
 };
@@ -88,20 +87,8 @@ fn record_from(first: &DiscoveryRequest, peer: SocketAddr) -> Result<ProxyRecord
         .node
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
-    let workload = match node.workload.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            ResourceRef::new(ns, name)
-        }
-        None if !node.workload.is_empty() => {
-            ResourceRef::new(outrigger_config::DEFAULT_NAMESPACE, node.workload.as_str())
-        }
-        _ => {
-            return Err(Status::invalid_argument(format!(
-                "node.workload {:?} is not NAME or NAMESPACE/NAME",
-                node.workload
-            )));
-        }
-    };
+    let workload = outrigger_config::parse_workload_ref(&node.workload)
+        .map_err(|e| Status::invalid_argument(format!("node.workload: {e}")))?;
     if node.proxy_id.is_empty() {
         return Err(Status::invalid_argument("node.proxy_id is required"));
     }

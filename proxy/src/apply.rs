@@ -127,6 +127,46 @@ pub enum RouteSpec {
     },
 }
 
+/// For log lines: one short line however many endpoints a service has.
+impl fmt::Display for RouteSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// Endpoints named in full before the rest is counted.
+        const SHOWN: usize = 3;
+        match self {
+            RouteSpec::Inbound {
+                workload,
+                app,
+                idle_timeout,
+            } => write!(f, "{workload} app {app} (idle {idle_timeout:?})"),
+            RouteSpec::Outbound {
+                service,
+                endpoints,
+                timeouts,
+            } => {
+                write!(f, "{service} [")?;
+                for (i, endpoint) in endpoints.iter().take(SHOWN).enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{endpoint}")?;
+                }
+                if endpoints.len() > SHOWN {
+                    write!(f, ", … {} more", endpoints.len() - SHOWN)?;
+                }
+                let request = match timeouts.request {
+                    Some(d) => format!("{d:?}"),
+                    None => "none".to_string(),
+                };
+                write!(
+                    f,
+                    "] (request timeout {request}, connect {:?})",
+                    timeouts.connect
+                )
+            }
+        }
+    }
+}
+
 /// The listeners `loaded` asks this proxy to run, in configuration order.
 pub fn listener_specs(
     options: &ProxyOptions,
@@ -519,7 +559,7 @@ impl Listeners {
                 continue;
             }
             active.route.update(spec, server);
-            tracing::info!(listener = %spec.name, addr = %active.addr, route = ?spec.route, "route updated");
+            tracing::info!(listener = %spec.name, addr = %active.addr, route = %spec.route, "route updated");
             summary
                 .updated
                 .push(format!("{} {}", spec.name, active.addr));
@@ -528,7 +568,7 @@ impl Listeners {
         for (spec, tcp) in sockets {
             match serve(spec, tcp, Route::new(spec, server), watch, server) {
                 Ok(active) => {
-                    tracing::info!(listener = %spec.name, addr = %active.addr, protocol = %spec.key.protocol, route = ?spec.route, "listening");
+                    tracing::info!(listener = %spec.name, addr = %active.addr, protocol = %spec.key.protocol, route = %spec.route, "listening");
                     summary.added.push(format!("{} {}", spec.name, active.addr));
                     self.active.push(active);
                 }
@@ -625,6 +665,23 @@ spec:
     }
 
     const MAIN: &str = "{name: main, port: 0, appPort: 9}";
+
+    #[test]
+    fn routes_log_as_one_short_line() {
+        let specs = specs(MAIN, "{port: 0, service: api}", "127.0.0.1:9001");
+        assert_eq!(
+            specs[0].route.to_string(),
+            "shop/web app 127.0.0.1:9 (idle 3600s)"
+        );
+        let mut route = specs[1].route.clone();
+        if let RouteSpec::Outbound { endpoints, .. } = &mut route {
+            *endpoints = (1..=5).map(|p| SocketAddr::new(LOCALHOST, p)).collect();
+        }
+        assert_eq!(
+            route.to_string(),
+            "shop/api [127.0.0.1:1, 127.0.0.1:2, 127.0.0.1:3, … 2 more] (request timeout 15s, connect 1s)"
+        );
+    }
 
     async fn apply(
         listeners: &mut Listeners,

@@ -38,7 +38,7 @@ pub struct Args {
 
     /// The control plane's gRPC address, e.g. http://outrigger:15010: the
     /// policy comes from it, pushed hot.
-    #[arg(long, env = "OUTRIGGER_CONTROL_PLANE", value_name = "URL")]
+    #[arg(long, env = "OUTRIGGER_CONTROL_PLANE", value_name = "URL", value_parser = control_plane_url)]
     pub control_plane: Option<String>,
 
     /// With --control-plane: where the last good snapshot is saved, so a
@@ -63,7 +63,7 @@ pub struct Args {
     pub advertise_ip: Option<IpAddr>,
 
     /// The Workload this sidecar runs, as NAME or NAMESPACE/NAME.
-    #[arg(long, env = "OUTRIGGER_WORKLOAD", value_name = "NAME")]
+    #[arg(long, env = "OUTRIGGER_WORKLOAD", value_name = "NAME", value_parser = workload_name)]
     pub workload: String,
 
     /// Admin listener (/live, /ready, /metrics, /config).
@@ -115,6 +115,30 @@ pub struct Args {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `http://host:port` or `https://host:port`, nothing else: a typo here
+/// would otherwise only show as a sidecar retrying forever.
+fn control_plane_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => return Err(format!("scheme {other:?}: expected http:// or https://")),
+        None => return Err("expected http://HOST:PORT".to_string()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the URL has no host".to_string());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("expected http://HOST:PORT, without a path".to_string());
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+fn workload_name(s: &str) -> Result<String, String> {
+    outrigger_config::parse_workload_ref(s).map(|_| s.to_string())
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

@@ -60,8 +60,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
-    if let Some(loaded) = &loaded {
-        tracing::info!(workload = %loaded.workload, version = %loaded.version, source = %loaded.source, "configuration loaded");
+    match &loaded {
+        Some(loaded) => {
+            tracing::info!(workload = %loaded.workload, version = %loaded.version, source = %loaded.source, "configuration loaded")
+        }
+        None => tracing::info!(
+            workload = %options.workload,
+            "no policy yet: waiting for the control plane's first snapshot (not ready until then)"
+        ),
     }
     let running = Arc::new(app::start(options, loaded).await?);
     if let Some(endpoint) = &args.control_plane {

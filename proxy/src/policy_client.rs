@@ -76,7 +76,12 @@ pub fn load_saved(state_dir: &Path, workload: &str) -> Option<Loaded> {
             return None;
         }
     };
-    let loaded = match app::load_str(&source(saved.revision), &saved.yaml, workload) {
+    let source = format!(
+        "saved snapshot of {} ({})",
+        source(saved.revision),
+        path.display()
+    );
+    let loaded = match app::load_str(&source, &saved.yaml, workload) {
         Ok(loaded) => loaded.with_version(saved.version),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "the saved snapshot does not load; ignoring it");
@@ -179,8 +184,31 @@ async fn session(
     metrics::gauge!(crate::metrics::POLICY_STREAM_CONNECTED).set(1.0);
     backoff.reset();
 
-    while let Some(snapshot) = snapshots.message().await.context("policy stream")? {
-        metrics::counter!(crate::metrics::POLICY_PUSHES_TOTAL).increment(1);
+    // A refused snapshot is tried again with backoff until it applies or a
+    // newer one arrives: most refusals on a valid snapshot are local and
+    // pass (a port still held by another process), and the control plane
+    // does not send the same version twice.
+    let mut refused: Option<Refused> = None;
+    let mut retry_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let retry_at = refused.as_ref().map(|r| r.retry_at);
+        let snapshot = tokio::select! {
+            message = snapshots.message() => match message.context("policy stream")? {
+                Some(snapshot) => {
+                    metrics::counter!(crate::metrics::POLICY_PUSHES_TOTAL).increment(1);
+                    retry_backoff.reset();
+                    snapshot
+                }
+                None => return Ok(()),
+            },
+            () = sleep_until(retry_at) => match refused.take() {
+                Some(r) => {
+                    tracing::info!(version = %r.snapshot.version_info, revision = r.snapshot.revision, "trying the refused snapshot again");
+                    r.snapshot
+                }
+                None => continue,
+            },
+        };
         let answer = match apply(options, running, &snapshot).await {
             Ok(()) => {
                 metrics::counter!(crate::metrics::POLICY_ACKS_TOTAL).increment(1);
@@ -193,9 +221,10 @@ async fn session(
             }
             Err(e) => {
                 let reason = format!("{e:#}");
-                tracing::warn!(version = %snapshot.version_info, revision = snapshot.revision, %reason, "snapshot refused (NACK); the previous policy keeps serving");
+                let delay = retry_backoff.next();
+                tracing::warn!(version = %snapshot.version_info, revision = snapshot.revision, %reason, retry_in = ?delay, "snapshot refused (NACK); the previous policy keeps serving");
                 metrics::counter!(crate::metrics::POLICY_NACKS_TOTAL).increment(1);
-                DiscoveryRequest {
+                let answer = DiscoveryRequest {
                     version_info: running
                         .state
                         .loaded()
@@ -205,12 +234,30 @@ async fn session(
                     error_detail: reason,
                     inbound: inbound_ports(running),
                     ..Default::default()
-                }
+                };
+                refused = Some(Refused {
+                    snapshot,
+                    retry_at: tokio::time::Instant::now() + delay,
+                });
+                answer
             }
         };
         tx.send(answer).await.context("policy stream closed")?;
     }
-    Ok(())
+}
+
+/// A snapshot that did not apply, and when to try it again.
+struct Refused {
+    snapshot: Snapshot,
+    retry_at: tokio::time::Instant,
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn apply(
@@ -348,7 +395,13 @@ mod tests {
         .unwrap();
         let loaded = load_saved(dir.path(), "shop/web").unwrap();
         assert_eq!(loaded.version, "v1");
-        assert_eq!(loaded.source, "control plane revision 7");
+        assert!(
+            loaded
+                .source
+                .starts_with("saved snapshot of control plane revision 7 ("),
+            "{}",
+            loaded.source
+        );
         // Another workload's sidecar does not pick it up.
         assert!(load_saved(dir.path(), "shop/api").is_none());
         std::fs::write(dir.path().join(SAVED), b"{not json").unwrap();
