@@ -70,6 +70,15 @@ fn bad_flag_values_are_refused() {
         (
             [
                 "--control-plane",
+                "https://cp:15010",
+                "--workload",
+                "shop/web",
+            ],
+            "https:// is not supported yet",
+        ),
+        (
+            [
+                "--control-plane",
                 "http://cp:15010/x",
                 "--workload",
                 "shop/web",

@@ -117,15 +117,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// `http://host:port` or `https://host:port`, nothing else: a typo here
+/// `http://host:port`, nothing else: a typo here
 /// would otherwise only show as a sidecar retrying forever.
 fn control_plane_url(s: &str) -> Result<String, String> {
     let uri: http::Uri = s
         .parse()
         .map_err(|e| format!("not a URL ({e}); expected http://HOST:PORT"))?;
     match uri.scheme_str() {
-        Some("http" | "https") => {}
-        Some(other) => return Err(format!("scheme {other:?}: expected http:// or https://")),
+        Some("http") => {}
+        // The stream is plain HTTP/2 until the control plane has a CA
+        // (issue 5); refusing here beats a handshake error on every retry.
+        Some("https") => return Err("https:// is not supported yet: use http://".to_string()),
+        Some(other) => return Err(format!("scheme {other:?}: expected http://")),
         None => return Err("expected http://HOST:PORT".to_string()),
     }
     if uri.host().is_none_or(str::is_empty) {
