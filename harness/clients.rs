@@ -58,6 +58,28 @@ pub async fn http1_get(addr: SocketAddr, path: &str) -> Result<(u16, Bytes), Box
     Ok((status, read_body(rsp).await?))
 }
 
+/// GETs `path` from `addr` with `client` (bounded in time): the status and
+/// the `x-upstream` header, which names the test app that answered.
+pub async fn upstream_of(
+    client: &Client<HttpConnector, ClientBody>,
+    addr: SocketAddr,
+    path: &str,
+) -> (u16, String) {
+    let rsp = tokio::time::timeout(Duration::from_secs(10), client.request(get(addr, path)))
+        .await
+        .expect("answered in time")
+        .expect("response");
+    let status = rsp.status().as_u16();
+    let upstream = rsp
+        .headers()
+        .get("x-upstream")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    read_body(rsp).await.expect("body");
+    (status, upstream)
+}
+
 /// Writes raw bytes on a fresh connection and reads until the server
 /// closes or `within` passes; returns what came back.
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {

@@ -31,6 +31,27 @@ fn run(cmd: &mut std::process::Command) -> (bool, String, String) {
     )
 }
 
+/// Runs `cmd` with `input` on its stdin.
+fn run_with_stdin(cmd: &mut std::process::Command, input: &str) -> (bool, String, String) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run outrigger");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Waits for a process that should exit on its own, killing it (and
 /// failing) if it does not.
 fn exits_within(mut child: std::process::Child, limit: Duration) -> std::process::Output {
@@ -332,24 +353,12 @@ async fn the_cli_is_a_thin_client_with_terminal_habits() {
     assert!(stdout.contains("revision 1"), "{stdout}");
 
     // From stdin.
-    let mut child = cp
-        .cli()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(POLICY.replace("9001", "9003").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Service/shop/api updated"));
+    let (ok, stdout, stderr) = run_with_stdin(
+        cp.cli().args(["apply", "-f", "-"]),
+        &POLICY.replace("9001", "9003"),
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Service/shop/api updated"), "{stdout}");
 
     // A table, and YAML that applies back unchanged.
     let (ok, stdout, _) = run(cp.cli().args(["get", "all"]));
@@ -527,28 +536,8 @@ async fn dry_runs_lists_and_bad_requests_change_nothing() {
     // What `get -o json` prints applies back as no change.
     let (ok, json, _) = run(cp.cli().args(["get", "all", "-o", "json"]));
     assert!(ok);
-    let mut child = cp
-        .cli()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(json.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout, stderr) = run_with_stdin(cp.cli().args(["apply", "-f", "-"]), &json);
+    assert!(ok, "{stderr}");
     assert!(stdout.contains("unchanged"), "{stdout}");
     assert_eq!(cp.revision().await, 3);
 }

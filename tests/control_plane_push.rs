@@ -66,22 +66,7 @@ async fn outbound(web: &Proxy) -> SocketAddr {
 /// GET through web's outbound listener: status and the `x-upstream` that
 /// answered.
 async fn call(web: SocketAddr, path: &str) -> (u16, String) {
-    let rsp = tokio::time::timeout(
-        Duration::from_secs(10),
-        clients::http1().request(clients::get(web, path)),
-    )
-    .await
-    .expect("answer in time")
-    .expect("request");
-    let status = rsp.status().as_u16();
-    let upstream = rsp
-        .headers()
-        .get("x-upstream")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let _ = clients::read_body(rsp).await;
-    (status, upstream)
+    clients::upstream_of(&clients::http1(), web, path).await
 }
 
 async fn metric(proxy: &Proxy, name: &str) -> f64 {

@@ -9,10 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use outrigger_e2e::ProxyBuilder;
-use outrigger_e2e::clients::{self, ClientBody, get, read_body};
+use outrigger_e2e::clients::{self, upstream_of};
 use outrigger_e2e::proxy::metric_sum;
 use outrigger_e2e::upstream::{HttpUpstream, TcpEcho, closed_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,28 +67,6 @@ spec:
 }
 
 const API_ONLY: &str = "{port: 0, service: api}";
-
-/// GETs `path` through `addr` (bounded); returns the status and which app
-/// answered.
-async fn upstream_of(
-    client: &Client<HttpConnector, ClientBody>,
-    addr: SocketAddr,
-    path: &str,
-) -> (u16, String) {
-    let rsp = tokio::time::timeout(Duration::from_secs(10), client.request(get(addr, path)))
-        .await
-        .expect("answered in time")
-        .expect("response");
-    let status = rsp.status().as_u16();
-    let upstream = rsp
-        .headers()
-        .get("x-upstream")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    read_body(rsp).await.expect("body");
-    (status, upstream)
-}
 
 #[tokio::test]
 async fn new_endpoints_take_over_without_a_restart() {

@@ -34,6 +34,23 @@ pub struct ProxyOptions {
     pub server: ServerSettings,
 }
 
+#[cfg(test)]
+impl ProxyOptions {
+    /// Everything on 127.0.0.1, ports chosen by the OS: unit tests.
+    pub(crate) fn loopback(workload: &str) -> Self {
+        let localhost = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        Self {
+            config_path: None,
+            workload: workload.to_string(),
+            admin_addr: SocketAddr::new(localhost, 0),
+            inbound_ip: localhost,
+            outbound_ip: localhost,
+            app_ip: localhost,
+            server: ServerSettings::default(),
+        }
+    }
+}
+
 /// A started proxy. Share it (`Arc<Running>`) between whatever delivers
 /// configurations and whatever shuts it down: every method takes `&self`.
 #[derive(Debug)]
@@ -214,9 +231,6 @@ fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
-
-    const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     const YAML: &str = r#"apiVersion: outrigger.io/v1alpha1
 kind: Workload
@@ -225,21 +239,11 @@ spec:
   inbound: [{name: main, port: 0, appPort: 9}]
 "#;
 
-    fn options() -> ProxyOptions {
-        ProxyOptions {
-            config_path: None,
-            workload: "shop/web".to_string(),
-            admin_addr: SocketAddr::new(LOCALHOST, 0),
-            inbound_ip: LOCALHOST,
-            outbound_ip: LOCALHOST,
-            app_ip: LOCALHOST,
-            server: ServerSettings::default(),
-        }
-    }
-
     #[tokio::test]
     async fn starts_without_a_configuration_and_takes_one_later() {
-        let running = start(options(), None).await.expect("starts");
+        let running = start(ProxyOptions::loopback("shop/web"), None)
+            .await
+            .expect("starts");
         assert!(!running.state.is_ready());
         assert!(running.state.listeners().is_empty());
         let config: serde_json::Value =

@@ -623,18 +623,6 @@ mod tests {
 
     const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-    fn options() -> ProxyOptions {
-        ProxyOptions {
-            config_path: None,
-            workload: "shop/web".to_string(),
-            admin_addr: SocketAddr::new(LOCALHOST, 0),
-            inbound_ip: LOCALHOST,
-            outbound_ip: LOCALHOST,
-            app_ip: LOCALHOST,
-            server: ServerSettings::default(),
-        }
-    }
-
     /// Workload shop/web with one inbound listener, `outbound` as its
     /// outbound list, and services api (http) and db (tcp).
     fn specs(inbound: &str, outbound: &str, api_endpoint: &str) -> Vec<ListenerSpec> {
@@ -661,7 +649,7 @@ spec:
 "#
         );
         let loaded = crate::app::load_str("test", &yaml, "shop/web").expect("valid config");
-        listener_specs(&options(), &loaded).expect("specs")
+        listener_specs(&ProxyOptions::loopback("shop/web"), &loaded).expect("specs")
     }
 
     const MAIN: &str = "{name: main, port: 0, appPort: 9}";
