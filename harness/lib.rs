@@ -5,6 +5,7 @@
 //! drops, temp files go with their `TempDir`.
 
 pub mod bench;
+pub mod certs;
 pub mod clients;
 pub mod control_plane;
 pub mod grpc;

@@ -101,6 +101,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Runs mTLS with these certificate, key and bundle files.
+    pub fn tls(mut self, files: &crate::certs::IdentityFiles) -> Self {
+        self.args.extend(files.args());
+        self
+    }
+
     /// Runs the binary under another command that execs it (so the pid is
     /// the proxy's), e.g. `["taskset", "-c", "1"]`.
     pub fn wrap(mut self, wrapper: &[&str]) -> Self {

@@ -64,3 +64,9 @@ pub mod proto {
 }
 pub use model::*;
 pub use validate::parse_workload_ref;
+
+/// Whether `id` is a well-formed SPIFFE ID (`spiffe://<trust-domain>/<path>`),
+/// and why not.
+pub fn check_spiffe_id(id: &str) -> Result<(), String> {
+    validate::spiffe_id(id, None)
+}

@@ -184,6 +184,11 @@ pub struct Service {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub address: SocketAddr,
+    /// The SPIFFE ID this endpoint's server must present, when it differs
+    /// from the Service's (a control plane sets it for the endpoints
+    /// sidecars register).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Per-destination client behaviour.
@@ -401,6 +406,29 @@ impl MeshConfig {
 
     pub fn traffic_policy_for(&self, service: &ResourceRef) -> Option<&TrafficPolicy> {
         self.traffic_policies.iter().find(|p| &p.service == service)
+    }
+
+    /// The SPIFFE IDs a server of `service` may present, for endpoints that
+    /// do not name their own: the Service's declared identity, else those of
+    /// the Workloads in this configuration whose inbound listeners serve it
+    /// (sorted, no repeats). Empty: the service is outside the mesh.
+    pub fn service_identities(&self, service: &Service) -> Vec<String> {
+        if let Some(identity) = &service.identity {
+            return vec![identity.clone()];
+        }
+        let mut ids: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|w| {
+                w.inbound
+                    .iter()
+                    .any(|l| l.service.as_ref() == Some(&service.id))
+            })
+            .map(|w| w.spiffe_id(&self.mesh.trust_domain))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     pub fn authorization_policies_for<'a>(

@@ -169,6 +169,8 @@ pub struct RawServiceSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase", expecting = "a mapping")]
 pub struct RawEndpoint {
     pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 // === TrafficPolicy ===
@@ -375,6 +377,7 @@ impl From<&Service> for RawServiceSpec {
     fn from(service: &Service) -> Self {
         let endpoints = service.endpoints.iter().map(|e| RawEndpoint {
             address: Some(e.address.to_string()),
+            identity: e.identity.clone(),
         });
         Self {
             identity: service.identity.clone(),

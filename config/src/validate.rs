@@ -469,7 +469,11 @@ fn validate_service(
         } else {
             seen.insert(address, i);
         }
-        endpoints.push(Endpoint { address });
+        let identity = raw.identity.as_ref().map(|identity| {
+            let checked = spiffe_id(identity, trust_domain).map(|()| identity.clone());
+            ctx.check(&format!("spec.endpoints[{i}].identity"), checked)
+        });
+        endpoints.push(Endpoint { address, identity });
     }
     Service {
         id: id.clone(),

@@ -8,7 +8,7 @@
 //! shared), and pushes it only if its version differs from what that
 //! sidecar runs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -32,17 +32,13 @@ pub struct View {
     pub revision: u64,
     pub config: Arc<MeshConfig>,
     /// Service → endpoints registered by sidecars serving it.
-    pub registered: BTreeMap<ResourceRef, BTreeSet<SocketAddr>>,
+    pub registered: Registered,
     /// Built on first use; `None` for a workload the policy does not define.
     snapshots: Mutex<HashMap<ResourceRef, Option<Arc<Snapshot>>>>,
 }
 
 impl View {
-    fn new(
-        revision: u64,
-        config: Arc<MeshConfig>,
-        registered: BTreeMap<ResourceRef, BTreeSet<SocketAddr>>,
-    ) -> Self {
+    fn new(revision: u64, config: Arc<MeshConfig>, registered: Registered) -> Self {
         Self {
             revision,
             config,
@@ -70,6 +66,10 @@ impl View {
     }
 }
 
+/// Service → endpoint registered by a sidecar serving it → the SPIFFE ID
+/// of that sidecar's workload.
+pub type Registered = BTreeMap<ResourceRef, BTreeMap<SocketAddr, String>>;
+
 /// Everything that concerns one workload, as a validated config of its
 /// own: the Mesh, the Workload, the Services it calls (static plus
 /// registered endpoints) and serves (without endpoints: a sidecar never
@@ -78,7 +78,7 @@ impl View {
 /// AuthorizationPolicies that select it.
 fn build_snapshot(
     config: &MeshConfig,
-    registered: &BTreeMap<ResourceRef, BTreeSet<SocketAddr>>,
+    registered: &Registered,
     id: &ResourceRef,
 ) -> Option<String> {
     let workload = config.workloads.iter().find(|w| &w.id == id)?;
@@ -88,14 +88,20 @@ fn build_snapshot(
             continue;
         };
         let mut service = service.clone();
-        let mut addrs: BTreeSet<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
-        if let Some(more) = registered.get(&service.id) {
-            addrs.extend(more.iter().copied());
-        }
-        service.endpoints = addrs
-            .into_iter()
-            .map(|address| Endpoint { address })
+        // Static endpoints first: one also registered keeps what the
+        // operator wrote.
+        let mut endpoints: BTreeMap<SocketAddr, Endpoint> = service
+            .endpoints
+            .iter()
+            .map(|e| (e.address, e.clone()))
             .collect();
+        for (address, identity) in registered.get(&service.id).into_iter().flatten() {
+            endpoints.entry(*address).or_insert_with(|| Endpoint {
+                address: *address,
+                identity: Some(identity.clone()),
+            });
+        }
+        service.endpoints = endpoints.into_values().collect();
         services.insert(service.id.clone(), service);
     }
     for served in workload.inbound.iter().filter_map(|l| l.service.as_ref()) {
@@ -466,8 +472,9 @@ impl Hub {
 fn registered_endpoints<'a>(
     config: &MeshConfig,
     proxies: impl Iterator<Item = &'a ProxyRecord>,
-) -> BTreeMap<ResourceRef, BTreeSet<SocketAddr>> {
-    let mut out: BTreeMap<ResourceRef, BTreeSet<SocketAddr>> = BTreeMap::new();
+) -> Registered {
+    let mut out: Registered = BTreeMap::new();
+    let trust_domain = &config.mesh.trust_domain;
     for proxy in proxies {
         let Some(workload) = config.workloads.iter().find(|w| w.id == proxy.workload) else {
             continue;
@@ -479,9 +486,10 @@ fn registered_endpoints<'a>(
                 .find(|l| &l.name == name)
                 .and_then(|l| l.service.clone());
             if let Some(service) = served {
-                out.entry(service)
-                    .or_default()
-                    .insert(SocketAddr::new(proxy.advertise_ip, *port));
+                out.entry(service).or_default().insert(
+                    SocketAddr::new(proxy.advertise_ip, *port),
+                    workload.spiffe_id(trust_domain),
+                );
             }
         }
     }
@@ -553,6 +561,20 @@ spec: {service: api}
         let second = hub.view().snapshot_for(&web).unwrap();
         assert_ne!(first.version, second.version);
         assert!(second.yaml.contains("127.0.0.2:4143"), "{}", second.yaml);
+        // With the identity its sidecar's certificate carries, so web's
+        // sidecar can check it over mTLS without knowing workload api.
+        let loaded = outrigger_config::load_str("snapshot", &second.yaml).unwrap();
+        let endpoint = loaded.services[0]
+            .endpoints
+            .iter()
+            .find(|e| e.address.port() == 4143)
+            .unwrap();
+        assert_eq!(
+            endpoint.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/api"),
+            "{}",
+            second.yaml
+        );
 
         // A web sidecar registering changes nothing for web itself (its
         // own Service is carried without endpoints).

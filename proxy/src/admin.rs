@@ -87,6 +87,11 @@ fn route(
                 text(StatusCode::OK, "ready\n")
             } else if state.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if state.lacks_certificate() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no certificate yet\n",
+                )
             } else if state.loaded().is_none() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -132,6 +137,14 @@ pub fn config_json(state: &ProxyState) -> String {
             "notEnforced": [],
             "draining": state.is_draining(),
         }),
+    };
+    let mut doc = doc;
+    // Who we are on the wire: the certificate's SPIFFE ID, serial and
+    // validity (never the key), or null without mTLS.
+    doc["mtls"] = json!(state.identity().is_some());
+    doc["identity"] = match state.identity().and_then(|i| i.credentials()) {
+        Some(credentials) => json!(credentials.summary()),
+        None => serde_json::Value::Null,
     };
     let mut out =
         serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));

@@ -14,7 +14,9 @@ use crate::admin;
 use crate::apply::{self, ApplyError, ApplySummary, Listeners};
 use crate::drain::{self, DrainOutcome};
 use crate::http::server::ServerSettings;
+use crate::identity::Identity;
 use crate::state::{Loaded, ProxyState};
+use crate::tls::MeshTls;
 
 /// Everything needed to start a proxy (the CLI fills this in).
 #[derive(Clone, Debug)]
@@ -32,6 +34,11 @@ pub struct ProxyOptions {
     /// Where the local app listens.
     pub app_ip: IpAddr,
     pub server: ServerSettings,
+    /// With an identity, every inbound listener requires mTLS and every
+    /// endpoint in the mesh is reached over mTLS.
+    pub identity: Option<Arc<Identity>>,
+    /// Accept TLS 1.2 as well as 1.3 between sidecars.
+    pub allow_tls12: bool,
 }
 
 #[cfg(test)]
@@ -47,6 +54,8 @@ impl ProxyOptions {
             outbound_ip: localhost,
             app_ip: localhost,
             server: ServerSettings::default(),
+            identity: None,
+            allow_tls12: false,
         }
     }
 }
@@ -109,12 +118,26 @@ pub async fn start(options: ProxyOptions, loaded: Option<Loaded>) -> anyhow::Res
     let state = ProxyState::new();
     // Each listener subscribes its own watch when it starts.
     let (drain, _) = drain::channel();
+    let tls = match &options.identity {
+        Some(identity) => {
+            state.set_identity(identity.clone());
+            identity.record_expiry();
+            let tls = MeshTls::new(
+                identity.clone(),
+                options.allow_tls12,
+                options.server.header_read_timeout,
+            )
+            .context("cannot set up mTLS")?;
+            Some(Arc::new(tls))
+        }
+        None => None,
+    };
     let admin_addr = admin::start(options.admin_addr, state.clone(), prometheus).await?;
     let running = Running {
         state,
         admin_addr,
         options,
-        listeners: tokio::sync::Mutex::new(Listeners::default()),
+        listeners: tokio::sync::Mutex::new(Listeners::new(tls)),
         drain: Mutex::new(Some(drain)),
     };
     if let Some(loaded) = loaded {

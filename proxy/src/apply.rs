@@ -33,7 +33,8 @@ use crate::metrics::ConnectionMetrics;
 use crate::state::{BoundListener, Direction, Loaded};
 use crate::tcp::{ByteCounters, SharedTcpTarget, TcpTarget};
 use crate::timeout::SharedTimeout;
-use crate::transport::Plaintext;
+use crate::tls::MeshTls;
+use crate::transport::{ClientSide, ServerSide};
 use crate::{inbound, outbound};
 
 /// Why a configuration was not applied. Whatever the reason, the proxy
@@ -122,9 +123,18 @@ pub enum RouteSpec {
     /// To the endpoints of a service.
     Outbound {
         service: String,
-        endpoints: Vec<SocketAddr>,
+        endpoints: Vec<EndpointSpec>,
         timeouts: Timeouts,
     },
+}
+
+/// One endpoint of a service, and who must answer there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    /// The SPIFFE IDs its server may present over mTLS. Empty: the
+    /// endpoint is outside the mesh and is reached in plaintext.
+    pub identities: Arc<[String]>,
 }
 
 /// For log lines: one short line however many endpoints a service has.
@@ -148,7 +158,7 @@ impl fmt::Display for RouteSpec {
                     if i > 0 {
                         f.write_str(", ")?;
                     }
-                    write!(f, "{endpoint}")?;
+                    write!(f, "{}", endpoint.addr)?;
                 }
                 if endpoints.len() > SHOWN {
                     write!(f, ", … {} more", endpoints.len() - SHOWN)?;
@@ -213,6 +223,18 @@ pub fn listener_specs(
             .traffic_policy_for(&service.id)
             .map(|p| p.timeouts.clone())
             .unwrap_or_default();
+        let service_identities: Arc<[String]> = config.service_identities(service).into();
+        let endpoints = service
+            .endpoints
+            .iter()
+            .map(|e| EndpointSpec {
+                addr: e.address,
+                identities: match &e.identity {
+                    Some(id) => Arc::from([id.clone()]),
+                    None => service_identities.clone(),
+                },
+            })
+            .collect();
         specs.push(ListenerSpec {
             key: ListenerKey {
                 direction: Direction::Outbound,
@@ -225,7 +247,7 @@ pub fn listener_specs(
             bind: SocketAddr::new(options.outbound_ip, spec.port),
             route: RouteSpec::Outbound {
                 service: service.id.to_string(),
-                endpoints: service.endpoints.iter().map(|e| e.address).collect(),
+                endpoints,
                 timeouts,
             },
         });
@@ -253,36 +275,36 @@ fn number_duplicates(specs: &mut [ListenerSpec]) {
 #[derive(Clone, Debug)]
 enum Route {
     Http {
-        destination: SharedDestination<Plaintext>,
+        destination: SharedDestination<ClientSide>,
         timeout: SharedTimeout,
     },
-    Tcp(SharedTcpTarget<Plaintext>),
+    Tcp(SharedTcpTarget<ClientSide>),
 }
 
 impl Route {
-    fn new(spec: &ListenerSpec, server: &ServerSettings) -> Self {
+    fn new(spec: &ListenerSpec, server: &ServerSettings, tls: Option<&MeshTls>) -> Self {
         match spec.key.protocol {
             Protocol::Http => Route::Http {
-                destination: Arc::new(ArcSwap::from_pointee(destination(spec, None, server))),
+                destination: Arc::new(ArcSwap::from_pointee(destination(spec, None, server, tls))),
                 timeout: Arc::new(ArcSwap::from_pointee(request_timeout(&spec.route))),
             },
-            Protocol::Tcp => Route::Tcp(Arc::new(ArcSwap::from_pointee(tcp_target(spec)))),
+            Protocol::Tcp => Route::Tcp(Arc::new(ArcSwap::from_pointee(tcp_target(spec, tls)))),
         }
     }
 
     /// Swaps in what `spec` asks for. Requests and connections in flight
     /// keep the route they started with.
-    fn update(&self, spec: &ListenerSpec, server: &ServerSettings) {
+    fn update(&self, spec: &ListenerSpec, server: &ServerSettings, tls: Option<&MeshTls>) {
         match self {
             Route::Http {
                 destination: shared,
                 timeout,
             } => {
                 let previous = shared.load_full();
-                shared.store(Arc::new(destination(spec, Some(&previous), server)));
+                shared.store(Arc::new(destination(spec, Some(&previous), server, tls)));
                 timeout.store(Arc::new(request_timeout(&spec.route)));
             }
-            Route::Tcp(target) => target.store(Arc::new(tcp_target(spec))),
+            Route::Tcp(target) => target.store(Arc::new(tcp_target(spec, tls))),
         }
     }
 }
@@ -296,10 +318,22 @@ fn target_name(route: &RouteSpec) -> Arc<str> {
     }
 }
 
-fn endpoints(route: &RouteSpec) -> Vec<SocketAddr> {
+/// Each endpoint with how to reach it: the local app in plaintext; a
+/// service's endpoints over mTLS when this sidecar has an identity and
+/// the endpoint is in the mesh.
+fn endpoints(route: &RouteSpec, tls: Option<&MeshTls>) -> Vec<(SocketAddr, ClientSide)> {
     match route {
-        RouteSpec::Inbound { app, .. } => vec![*app],
-        RouteSpec::Outbound { endpoints, .. } => endpoints.clone(),
+        RouteSpec::Inbound { app, .. } => vec![(*app, ClientSide::Plaintext)],
+        RouteSpec::Outbound { endpoints, .. } => endpoints
+            .iter()
+            .map(|e| {
+                let transport = match tls {
+                    Some(tls) => tls.client_side(&e.identities),
+                    None => ClientSide::Plaintext,
+                };
+                (e.addr, transport)
+            })
+            .collect(),
     }
 }
 
@@ -326,27 +360,26 @@ fn client_settings(route: &RouteSpec, server: &ServerSettings) -> ClientSettings
 
 fn destination(
     spec: &ListenerSpec,
-    previous: Option<&Destination<Plaintext>>,
+    previous: Option<&Destination<ClientSide>>,
     server: &ServerSettings,
-) -> Destination<Plaintext> {
+    tls: Option<&MeshTls>,
+) -> Destination<ClientSide> {
     Destination::reusing(
         previous,
         target_name(&spec.route),
-        Plaintext,
-        &endpoints(&spec.route),
+        &endpoints(&spec.route, tls),
         &client_settings(&spec.route, server),
     )
 }
 
-fn tcp_target(spec: &ListenerSpec) -> TcpTarget<Plaintext> {
+fn tcp_target(spec: &ListenerSpec, tls: Option<&MeshTls>) -> TcpTarget<ClientSide> {
     let (connect_timeout, idle_timeout) = match &spec.route {
         RouteSpec::Inbound { idle_timeout, .. } => (Timeouts::default().connect, *idle_timeout),
         RouteSpec::Outbound { timeouts, .. } => (timeouts.connect, timeouts.idle),
     };
     TcpTarget {
         name: target_name(&spec.route),
-        transport: Plaintext,
-        endpoints: RoundRobin::new(endpoints(&spec.route)),
+        endpoints: RoundRobin::new(endpoints(&spec.route, tls)),
         connect_timeout,
         idle_timeout,
         counters: ByteCounters::new(direction_label(spec.key.direction), &spec.name),
@@ -393,7 +426,14 @@ fn serve(
     route: Route,
     watch: &drain::Watch,
     server: &ServerSettings,
+    tls: Option<&MeshTls>,
 ) -> Result<Active, BindError> {
+    // Peers reach inbound listeners: mTLS whenever we have an identity.
+    // Outbound listeners face the local app only.
+    let transport = match (spec.key.direction, tls) {
+        (Direction::Inbound, Some(tls)) => tls.server_side(),
+        _ => ServerSide::Plaintext,
+    };
     let addr = tcp.local_addr().map_err(|error| BindError {
         addr: spec.bind,
         what: spec.name.clone(),
@@ -417,7 +457,7 @@ fn serve(
                 spec.name.clone(),
                 metrics,
                 watch.clone(),
-                Plaintext,
+                transport,
                 stack,
                 server.clone(),
             )
@@ -427,7 +467,7 @@ fn serve(
             spec.name.clone(),
             metrics,
             watch.clone(),
-            Plaintext,
+            transport,
             target.clone(),
         ),
     };
@@ -456,9 +496,18 @@ fn ips_overlap(a: IpAddr, b: IpAddr) -> bool {
 #[derive(Debug, Default)]
 pub struct Listeners {
     active: Vec<Active>,
+    /// This sidecar's mTLS; `None`: plaintext everywhere (no identity).
+    tls: Option<Arc<MeshTls>>,
 }
 
 impl Listeners {
+    pub fn new(tls: Option<Arc<MeshTls>>) -> Self {
+        Self {
+            active: Vec::new(),
+            tls,
+        }
+    }
+
     pub fn bound(&self) -> Vec<BoundListener> {
         self.active.iter().map(Active::bound).collect()
     }
@@ -558,7 +607,7 @@ impl Listeners {
                 summary.unchanged += 1;
                 continue;
             }
-            active.route.update(spec, server);
+            active.route.update(spec, server, self.tls.as_deref());
             tracing::info!(listener = %spec.name, addr = %active.addr, route = %spec.route, "route updated");
             summary
                 .updated
@@ -566,7 +615,8 @@ impl Listeners {
             active.spec = spec.clone();
         }
         for (spec, tcp) in sockets {
-            match serve(spec, tcp, Route::new(spec, server), watch, server) {
+            let tls = self.tls.as_deref();
+            match serve(spec, tcp, Route::new(spec, server, tls), watch, server, tls) {
                 Ok(active) => {
                     tracing::info!(listener = %spec.name, addr = %active.addr, protocol = %spec.key.protocol, route = %spec.route, "listening");
                     summary.added.push(format!("{} {}", spec.name, active.addr));
@@ -593,7 +643,7 @@ impl Listeners {
     ) {
         for (spec, addr, route) in stopped {
             let restored = match listener::bind(addr, &spec.name).await {
-                Ok(tcp) => serve(&spec, tcp, route, watch, server),
+                Ok(tcp) => serve(&spec, tcp, route, watch, server, self.tls.as_deref()),
                 Err(e) => Err(e),
             };
             match restored {
@@ -663,7 +713,12 @@ spec:
         );
         let mut route = specs[1].route.clone();
         if let RouteSpec::Outbound { endpoints, .. } = &mut route {
-            *endpoints = (1..=5).map(|p| SocketAddr::new(LOCALHOST, p)).collect();
+            *endpoints = (1..=5)
+                .map(|p| EndpointSpec {
+                    addr: SocketAddr::new(LOCALHOST, p),
+                    identities: Arc::from([]),
+                })
+                .collect();
         }
         assert_eq!(
             route.to_string(),

@@ -70,6 +70,27 @@ pub struct Args {
     #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
+    /// This sidecar's certificate chain (PEM, leaf first; its URI SAN is
+    /// the workload's SPIFFE ID). With --tls-key and --trust-bundle it
+    /// turns on mTLS: inbound requires a client certificate from the
+    /// bundle, outbound verifies each server's SPIFFE ID. SIGHUP re-reads
+    /// all three files.
+    #[arg(long, env = "OUTRIGGER_TLS_CERT", value_name = "FILE", requires_all = ["tls_key", "trust_bundle"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "OUTRIGGER_TLS_KEY", value_name = "FILE", requires_all = ["tls_cert", "trust_bundle"])]
+    pub tls_key: Option<PathBuf>,
+
+    /// The roots peers' certificates must chain to (PEM; several during a
+    /// root rotation).
+    #[arg(long, env = "OUTRIGGER_TRUST_BUNDLE", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub trust_bundle: Option<PathBuf>,
+
+    /// Accept TLS 1.2 between sidecars as well as TLS 1.3.
+    #[arg(long, env = "OUTRIGGER_TLS12")]
+    pub tls12: bool,
+
     /// IP the inbound listeners bind; peers must be able to reach it.
     #[arg(long, env = "OUTRIGGER_INBOUND_IP", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     pub inbound_ip: IpAddr,
@@ -165,6 +186,9 @@ impl Args {
                 max_header_bytes: self.max_header_bytes as usize,
                 header_read_timeout: self.header_read_timeout,
             },
+            // Loaded by the binary, which can fail and say why.
+            identity: None,
+            allow_tls12: self.tls12,
         }
     }
 }

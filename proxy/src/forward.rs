@@ -33,32 +33,33 @@ pub struct Destination<T: ClientTransport> {
     settings: ClientSettings,
 }
 
-impl<T: ClientTransport> Destination<T> {
-    pub fn new(
-        name: Arc<str>,
-        transport: T,
-        addrs: &[SocketAddr],
-        settings: &ClientSettings,
-    ) -> Self {
-        Self::reusing(None, name, transport, addrs, settings)
+impl<T: ClientTransport + PartialEq> Destination<T> {
+    /// `endpoints`: each address with the transport that reaches it.
+    pub fn new(name: Arc<str>, endpoints: &[(SocketAddr, T)], settings: &ClientSettings) -> Self {
+        Self::reusing(None, name, endpoints, settings)
     }
 
     /// Like [`Destination::new`], but takes over `previous`'s client for
-    /// every address it keeps when the client settings are unchanged, so
-    /// pooled keep-alive connections survive a configuration change.
+    /// every endpoint it keeps with the same transport (the same expected
+    /// identity) when the client settings are unchanged, so pooled
+    /// keep-alive connections survive a configuration change.
     pub fn reusing(
         previous: Option<&Destination<T>>,
         name: Arc<str>,
-        transport: T,
-        addrs: &[SocketAddr],
+        endpoints: &[(SocketAddr, T)],
         settings: &ClientSettings,
     ) -> Self {
         let reusable = previous.filter(|p| p.settings == *settings);
-        let clients = addrs
+        let clients = endpoints
             .iter()
-            .map(|addr| {
+            .map(|(addr, transport)| {
                 reusable
-                    .and_then(|p| p.endpoints.endpoints().iter().find(|c| c.addr() == *addr))
+                    .and_then(|p| {
+                        p.endpoints
+                            .endpoints()
+                            .iter()
+                            .find(|c| c.addr() == *addr && c.transport() == transport)
+                    })
                     .cloned()
                     .unwrap_or_else(|| EndpointClient::new(transport.clone(), *addr, settings))
             })
@@ -69,7 +70,9 @@ impl<T: ClientTransport> Destination<T> {
             settings: settings.clone(),
         }
     }
+}
 
+impl<T: ClientTransport> Destination<T> {
     pub fn endpoints(&self) -> &[EndpointClient<T>] {
         self.endpoints.endpoints()
     }
@@ -220,7 +223,7 @@ mod tests {
         let name: Arc<str> = Arc::from("shop/api");
         let settings = ClientSettings::default();
         let shared: SharedDestination<Plaintext> = Arc::new(ArcSwap::from_pointee(
-            Destination::new(name.clone(), Plaintext, &[up], &settings),
+            Destination::new(name.clone(), &[(up, Plaintext)], &settings),
         ));
         let mut forward = Forward::new(shared.clone());
         get(&mut forward).await;
@@ -232,8 +235,7 @@ mod tests {
         shared.store(Arc::new(Destination::reusing(
             Some(&previous),
             name.clone(),
-            Plaintext,
-            &[up, other],
+            &[(up, Plaintext), (other, Plaintext)],
             &settings,
         )));
         get(&mut forward).await;
@@ -248,8 +250,7 @@ mod tests {
         shared.store(Arc::new(Destination::reusing(
             Some(&previous),
             name,
-            Plaintext,
-            &[up],
+            &[(up, Plaintext)],
             &changed,
         )));
         get(&mut forward).await;

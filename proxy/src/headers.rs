@@ -15,7 +15,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
-use crate::http::ClientAddr;
+use crate::http::{ClientAddr, PeerId};
 
 /// Set by the inbound sidecar to the caller's verified SPIFFE ID; never
 /// trusted from the network.
@@ -134,6 +134,11 @@ where
         headers.remove(CLIENT_ID_HEADER);
         if let Some(ip) = client {
             append_forwarded(headers, ip);
+        }
+        if let Some(PeerId(id)) = req.extensions().get::<PeerId>()
+            && let Ok(value) = HeaderValue::from_str(id)
+        {
+            req.headers_mut().insert(CLIENT_ID_HEADER, value);
         }
         self.inner.call(req).map_ok(strip_response as RspFn<RspB>)
     }

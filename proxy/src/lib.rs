@@ -25,6 +25,7 @@ pub mod errors;
 pub mod forward;
 pub mod headers;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
@@ -33,6 +34,7 @@ pub mod policy_client;
 pub mod state;
 pub mod tcp;
 pub mod timeout;
+pub mod tls;
 pub mod transport;
 
 /// The error type that crosses tower service boundaries.

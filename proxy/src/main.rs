@@ -6,8 +6,10 @@ use clap::Parser;
 use outrigger_proxy::app;
 use outrigger_proxy::cli::{Args, LogFormat};
 use outrigger_proxy::drain::DrainOutcome;
+use outrigger_proxy::identity::{Credentials, Identity, TrustBundle};
 use outrigger_proxy::policy_client::{self, PolicyClientOptions};
-use std::path::Path;
+use outrigger_proxy::state::Loaded;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
@@ -49,7 +51,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
-    let options = args.options();
+    let mut options = args.options();
+    let tls_files = TlsFiles::from_args(&args);
+    if let Some(files) = &tls_files {
+        let identity = Arc::new(Identity::new());
+        files.load_into(&identity)?;
+        options.identity = Some(identity);
+    }
     let loaded = match (&args.config, &args.state_dir) {
         (Some(path), _) => Some(app::load(path, &options.workload)?),
         (None, Some(dir)) => policy_client::load_saved(dir, &options.workload),
@@ -60,6 +68,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
+    if let (Some(loaded), Some(identity)) = (&loaded, &options.identity) {
+        check_identity(loaded, identity)?;
+    }
     match &loaded {
         Some(loaded) => {
             tracing::info!(workload = %loaded.workload, version = %loaded.version, source = %loaded.source, "configuration loaded")
@@ -92,10 +103,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let signal = loop {
         tokio::select! {
-            _ = hangup.recv() => match &args.config {
-                Some(path) => reload(&running, path, &args.workload).await,
-                None => tracing::info!("SIGHUP ignored: the policy comes from the control plane"),
-            },
+            _ = hangup.recv() => {
+                if let (Some(files), Some(identity)) = (&tls_files, running.state.identity()) {
+                    match files.load_into(identity) {
+                        Ok(()) => tracing::info!("SIGHUP: certificate and trust bundle re-read"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the current certificate: {e:#}"),
+                    }
+                }
+                match &args.config {
+                    Some(path) => reload(&running, path, &args.workload).await,
+                    None => tracing::info!("SIGHUP: the policy comes from the control plane"),
+                }
+            }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
@@ -133,6 +152,74 @@ async fn reload(running: &app::Running, path: &Path, workload: &str) {
             "reload of version {version} refused, still serving version {current}: {e}"
         );
     }
+}
+
+/// Certificate, key and bundle files given on the command line.
+struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+}
+
+impl TlsFiles {
+    fn from_args(args: &Args) -> Option<Self> {
+        Some(Self {
+            cert: args.tls_cert.clone()?,
+            key: args.tls_key.clone()?,
+            bundle: args.trust_bundle.clone()?,
+        })
+    }
+
+    /// Reads all three and swaps them in together, or changes nothing. A
+    /// certificate with another SPIFFE ID than the one in use is refused:
+    /// a sidecar does not change who it is.
+    fn load_into(&self, identity: &Identity) -> anyhow::Result<()> {
+        let credentials = Credentials::from_files(&self.cert, &self.key)?;
+        let bundle = TrustBundle::from_file(&self.bundle)?;
+        if let Some(current) = identity.credentials()
+            && current.spiffe_id != credentials.spiffe_id
+        {
+            anyhow::bail!(
+                "{} is for {}, but this sidecar is {}",
+                self.cert.display(),
+                credentials.spiffe_id,
+                current.spiffe_id
+            );
+        }
+        if credentials.not_after <= std::time::SystemTime::now() {
+            tracing::warn!(cert = %self.cert.display(), "the certificate has expired: peers will refuse it");
+        }
+        identity.set_bundle(bundle);
+        identity.set_credentials(credentials);
+        Ok(())
+    }
+}
+
+/// The certificate must name the workload this sidecar runs, or every
+/// peer would refuse it (or worse, trust it as someone else).
+fn check_identity(loaded: &Loaded, identity: &Identity) -> anyhow::Result<()> {
+    let Some(credentials) = identity.credentials() else {
+        return Ok(());
+    };
+    let Some(workload) = loaded
+        .config
+        .workloads
+        .iter()
+        .find(|w| w.id == loaded.workload)
+    else {
+        return Ok(());
+    };
+    let expected = workload.spiffe_id(&loaded.config.mesh.trust_domain);
+    if credentials.spiffe_id != expected {
+        anyhow::bail!(
+            "the certificate is for {}, but workload {} is {expected} (trust domain {:?}, service account {:?})",
+            credentials.spiffe_id,
+            workload.id,
+            loaded.config.mesh.trust_domain,
+            workload.service_account
+        );
+    }
+    Ok(())
 }
 
 /// `HOSTNAME.PID`: in Kubernetes the hostname is the pod name.

@@ -28,6 +28,8 @@ pub const POLICY_STREAM_CONNECTED: &str = "outrigger_policy_stream_connected";
 pub const POLICY_PUSHES_TOTAL: &str = "outrigger_policy_pushes_total";
 pub const POLICY_ACKS_TOTAL: &str = "outrigger_policy_acks_total";
 pub const POLICY_NACKS_TOTAL: &str = "outrigger_policy_nacks_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "outrigger_tls_handshakes_total";
+pub const CERT_EXPIRY: &str = "outrigger_identity_cert_expiry_timestamp_seconds";
 
 /// Latency buckets in seconds, from 100 µs (a local hop) to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -80,6 +82,14 @@ fn describe() {
     metrics::describe_counter!(
         TCP_BYTES_TOTAL,
         "Bytes carried by opaque TCP listeners, by direction, listener and flow"
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "mTLS handshakes, by direction, result (ok, failed) and failure reason"
+    );
+    metrics::describe_gauge!(
+        CERT_EXPIRY,
+        "When this sidecar's certificate expires (Unix seconds)"
     );
     metrics::describe_gauge!(
         CONFIG_INFO,

@@ -4,13 +4,15 @@
 //! swappable route. It exists so `/config` and `/ready` can tell the truth.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use outrigger_config::{MeshConfig, ResourceRef};
 use serde::Serialize;
+
+use crate::identity::Identity;
 
 /// One bound listener, as reported on stdout at start and in `/config`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -68,6 +70,8 @@ pub struct ProxyState {
     /// plane may deliver it after start).
     applied: ArcSwapOption<Applied>,
     draining: AtomicBool,
+    /// Set once at start when the sidecar runs mTLS.
+    identity: OnceLock<Arc<Identity>>,
 }
 
 impl ProxyState {
@@ -96,6 +100,20 @@ impl ProxyState {
             .unwrap_or_default()
     }
 
+    /// Makes readiness wait for a certificate. Once per process.
+    pub fn set_identity(&self, identity: Arc<Identity>) {
+        let _ = self.identity.set(identity);
+    }
+
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.get()
+    }
+
+    /// Whether a certificate is needed and missing.
+    pub fn lacks_certificate(&self) -> bool {
+        self.identity.get().is_some_and(|i| !i.is_ready())
+    }
+
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
@@ -104,11 +122,11 @@ impl ProxyState {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Ready when a configuration is applied, its listeners are bound, and
-    /// we are not shutting down. (Once mTLS lands: and a certificate is in
-    /// hand.)
+    /// Ready when a configuration is applied, its listeners are bound, a
+    /// certificate is in hand (with mTLS), and we are not shutting down.
     pub fn is_ready(&self) -> bool {
         !self.is_draining()
+            && !self.lacks_certificate()
             && self
                 .applied
                 .load()

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::balance::RoundRobin;
+use crate::tls::Alpn;
 use crate::transport::ClientTransport;
 
 const BUFFER: usize = 16 * 1024;
@@ -65,8 +66,8 @@ impl ByteCounters {
 pub struct TcpTarget<T> {
     /// A service or workload name, for logs.
     pub name: Arc<str>,
-    pub transport: T,
-    pub endpoints: RoundRobin<SocketAddr>,
+    /// Each endpoint with the transport that reaches it.
+    pub endpoints: RoundRobin<(SocketAddr, T)>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub counters: ByteCounters,
@@ -84,13 +85,13 @@ where
     T: ClientTransport,
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(&endpoint) = target.endpoints.pick() else {
+    let Some((endpoint, transport)) = target.endpoints.pick() else {
         tracing::warn!(target = %target.name, %peer, "no endpoints for TCP connection; closing it");
         return;
     };
-    let upstream = match target
-        .transport
-        .connect(endpoint, target.connect_timeout)
+    let endpoint = *endpoint;
+    let upstream = match transport
+        .connect(endpoint, target.connect_timeout, Alpn::Opaque)
         .await
     {
         Ok(io) => io,

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::ProxyBody;
+use crate::tls::Alpn;
 use crate::transport::ClientTransport;
 
 /// How upstream connections are made and kept.
@@ -56,6 +57,7 @@ pub enum SendError {
 #[derive(Clone, Debug)]
 pub struct EndpointClient<T: ClientTransport> {
     addr: SocketAddr,
+    transport: T,
     authority: Authority,
     h1: Client<FixedConnector<T>, ProxyBody>,
     h2: Client<FixedConnector<T>, ProxyBody>,
@@ -64,9 +66,10 @@ pub struct EndpointClient<T: ClientTransport> {
 impl<T: ClientTransport> EndpointClient<T> {
     pub fn new(transport: T, addr: SocketAddr, settings: &ClientSettings) -> Self {
         let connector = FixedConnector {
-            transport,
+            transport: transport.clone(),
             addr,
             connect_timeout: settings.connect_timeout,
+            alpn: Alpn::Http1,
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -81,11 +84,15 @@ impl<T: ClientTransport> EndpointClient<T> {
             );
         let h1 = builder.build(connector.clone());
         builder.http2_only(true);
-        let h2 = builder.build(connector);
+        let h2 = builder.build(FixedConnector {
+            alpn: Alpn::Http2,
+            ..connector
+        });
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("upstream"));
         Self {
             addr,
+            transport,
             authority,
             h1,
             h2,
@@ -94,6 +101,11 @@ impl<T: ClientTransport> EndpointClient<T> {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How its connections are made.
+    pub fn transport(&self) -> &T {
+        &self.transport
     }
 
     /// Sends a request, keeping its version, method, headers and body.
@@ -176,6 +188,8 @@ pub struct FixedConnector<T> {
     transport: T,
     addr: SocketAddr,
     connect_timeout: Duration,
+    /// What this pool's connections carry (offered by ALPN over TLS).
+    alpn: Alpn,
 }
 
 impl<T: ClientTransport> tower::Service<Uri> for FixedConnector<T> {
@@ -191,8 +205,9 @@ impl<T: ClientTransport> tower::Service<Uri> for FixedConnector<T> {
         let transport = self.transport.clone();
         let addr = self.addr;
         let timeout = self.connect_timeout;
+        let alpn = self.alpn;
         Box::pin(async move {
-            let io = transport.connect(addr, timeout).await?;
+            let io = transport.connect(addr, timeout, alpn).await?;
             Ok(UpstreamIo(TokioIo::new(io)))
         })
     }

@@ -9,3 +9,8 @@ pub mod server;
 /// request's extensions by the server so layers can read it.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// The caller's SPIFFE ID, verified by the mTLS handshake of the
+/// connection a request arrived on.
+#[derive(Clone, Debug)]
+pub struct PeerId(pub std::sync::Arc<str>);

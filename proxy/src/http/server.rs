@@ -22,8 +22,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use super::ClientAddr;
 use super::body::ProxyBody;
+use super::{ClientAddr, PeerId};
 use crate::drain;
 use crate::errors::error_response;
 use crate::transport::Accepted;
@@ -75,7 +75,12 @@ async fn serve_inner<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Accepted { io, peer, alpn } = accepted;
+    let Accepted {
+        io,
+        peer,
+        alpn,
+        peer_id,
+    } = accepted;
     let (version, io) = match alpn {
         Some(v) => (v, Rewind::new(Bytes::new(), io)),
         None => {
@@ -93,8 +98,10 @@ async fn serve_inner<IO>(
     };
 
     let client = ClientAddr(peer);
+    let peer_id = peer_id.map(PeerId);
     let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let svc = service.clone();
+        let peer_id = peer_id.clone();
         async move {
             if let Some(reason) = malformed(&req) {
                 return Ok(error_response(
@@ -104,6 +111,9 @@ async fn serve_inner<IO>(
                 ));
             }
             req.extensions_mut().insert(client);
+            if let Some(id) = peer_id {
+                req.extensions_mut().insert(id);
+            }
             svc.oneshot(req).await
         }
     });
