@@ -174,7 +174,8 @@ pub struct OutboundListener {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Service {
     pub id: ResourceRef,
-    /// The SPIFFE ID its servers must present (checked once mTLS lands).
+    /// The SPIFFE ID its servers must present over mTLS (endpoints may
+    /// override it).
     pub identity: Option<String>,
     pub protocol: Protocol,
     /// Static endpoints; may be empty (registered later by sidecars).

@@ -3,7 +3,7 @@
 //! Data flows one way through small modules, each one concern:
 //!
 //! ```text
-//! listener → transport (plaintext now, mTLS later) → http::server
+//! listener → transport (plaintext, or mTLS with an identity) → http::server
 //!   inbound:  error responses → metrics → headers → forward to the local app
 //!   outbound: error responses → metrics → headers → timeout → balance → http::client
 //!   tcp:      listener → transport → tcp::forward (bytes both ways, idle timeout)
