@@ -180,6 +180,9 @@ impl Running {
         for warning in &loaded.not_enforced {
             tracing::warn!("{warning}");
         }
+        if self.options.identity.is_none() {
+            warn_plaintext_to_mesh(&specs);
+        }
         if let Some(previous) = previous.filter(|p| p.version != loaded.version) {
             metrics::gauge!(crate::metrics::CONFIG_INFO, "version" => previous.version.clone())
                 .set(0.0);
@@ -208,6 +211,24 @@ impl Running {
 
 /// What this workload's configuration asks for that this build does not
 /// enforce yet. Saying so beats silently ignoring a security setting.
+/// Without a certificate this sidecar speaks plaintext to every endpoint,
+/// including those that expect mTLS (and will refuse it): say so.
+fn warn_plaintext_to_mesh(specs: &[apply::ListenerSpec]) {
+    for spec in specs {
+        if let apply::RouteSpec::Outbound {
+            service, endpoints, ..
+        } = &spec.route
+            && let Some(expected) = endpoints.iter().find(|e| !e.identities.is_empty())
+        {
+            tracing::warn!(
+                %service,
+                identity = %expected.identities.join(" or "),
+                "this sidecar has no certificate (--tls-cert), so it calls {service} in plaintext; sidecars running mTLS will refuse it"
+            );
+        }
+    }
+}
+
 fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
     let mut out = Vec::new();
     for policy in config.authorization_policies_for(workload) {
