@@ -76,6 +76,10 @@ async fn requests_without_a_valid_token_get_401_and_change_nothing() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "the token file is private");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(data.path()).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "the data dir is private");
 
     for token in ["", "wrong", &format!("{}x", cp.token)] {
         let (status, body) = cp
@@ -374,6 +378,20 @@ async fn the_cli_is_a_thin_client_with_terminal_habits() {
     assert!(ok);
     assert!(stdout.contains("unchanged"), "{stdout}");
 
+    // One named resource is a one-row table; `get all NAME` says what
+    // it needs.
+    let (ok, stdout, stderr) = run(cp.cli().args(["get", "svc", "api", "-n", "shop"]));
+    assert!(ok, "{stderr}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert_eq!(rows[1][..3], ["Service", "shop", "api"], "{stdout}");
+    let (ok, _, stderr) = run(cp.cli().args(["get", "all", "api"]));
+    assert!(!ok);
+    assert!(stderr.contains("name its kind"), "{stderr}");
+
     // History as a table, one revision as a diff, a rollback.
     let (ok, stdout, _) = run(cp.cli().arg("history"));
     assert!(ok);
@@ -494,6 +512,11 @@ async fn dry_runs_lists_and_bad_requests_change_nothing() {
         ),
         ("GET", "/api/v1/resources/svc?output=xml", None),
         ("GET", "/api/v1/resources/svc/a%2Fb?namespace=c", None),
+        (
+            "POST",
+            "/api/v1/rollback?bogus=1",
+            Some(("application/json", r#"{"revision": 0}"#)),
+        ),
     ] {
         let (status, text) = cp.call(method, path, body, None).await;
         assert_eq!(status, 400, "{method} {path}: {text}");
@@ -539,5 +562,34 @@ async fn dry_runs_lists_and_bad_requests_change_nothing() {
     let (ok, stdout, stderr) = run_with_stdin(cp.cli().args(["apply", "-f", "-"]), &json);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("unchanged"), "{stdout}");
+    assert_eq!(cp.revision().await, 3);
+
+    // A rollback takes the same options in its query as in its body.
+    for query in ["?dryRun=true", ""] {
+        let body = if query.is_empty() {
+            r#"{"revision": 1, "dryRun": true}"#
+        } else {
+            r#"{"revision": 1}"#
+        };
+        let (status, text) = cp
+            .call(
+                "POST",
+                &format!("/api/v1/rollback{query}"),
+                Some(("application/json", body)),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("\"dryRun\":true"), "{text}");
+    }
+    let (status, text) = cp
+        .call(
+            "POST",
+            "/api/v1/rollback?expectedRevision=7",
+            Some(("application/json", r#"{"revision": 1}"#)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{text}");
     assert_eq!(cp.revision().await, 3);
 }

@@ -221,9 +221,10 @@ fn author(headers: &HeaderMap) -> String {
     }
 }
 
-#[derive(Deserialize)]
+/// `?expectedRevision=N&dryRun=true` on apply and rollback.
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ApplyQuery {
+struct WriteQuery {
     expected_revision: Option<u64>,
     #[serde(default)]
     dry_run: bool,
@@ -231,7 +232,7 @@ struct ApplyQuery {
 
 async fn apply(
     State(cp): State<Cp>,
-    Query(query): Query<ApplyQuery>,
+    Query(query): Query<WriteQuery>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -262,7 +263,7 @@ async fn apply(
             "apply".to_string(),
             query.expected_revision,
             query.dry_run,
-            |state, _| state.plan_apply(&source, &yaml),
+            |state| state.plan_apply(&source, &yaml),
         )
         .await?;
     Ok(outcome_response(outcome))
@@ -541,7 +542,7 @@ async fn delete_one(
             action,
             query.expected_revision,
             query.dry_run,
-            |state, _| state.plan_delete(&key),
+            |state| state.plan_delete(&key),
         )
         .await?;
     Ok(outcome_response(outcome))
@@ -602,6 +603,7 @@ struct RollbackBody {
 
 async fn rollback(
     State(cp): State<Cp>,
+    Query(query): Query<WriteQuery>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -611,13 +613,23 @@ async fn rollback(
             format!("expected {{\"revision\": N}}: {e}"),
         )
     })?;
+    // The options may come in the body or the query; both must agree.
+    let expected = match (body.expected_revision, query.expected_revision) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("expectedRevision is {a} in the body but {b} in the query"),
+            ));
+        }
+        (a, b) => a.or(b),
+    };
     let target = body.revision;
     let outcome = cp
-        .write(
+        .write_with_log(
             &author(&headers),
             format!("rollback to {target}"),
-            body.expected_revision,
-            body.dry_run,
+            expected,
+            body.dry_run || query.dry_run,
             |state, log| state.plan_rollback(log, target),
         )
         .await?;

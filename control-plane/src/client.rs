@@ -345,6 +345,11 @@ pub async fn get(
     output: Output,
 ) -> anyhow::Result<()> {
     let mut path = if kind == "all" {
+        if let Some(name) = name {
+            anyhow::bail!(
+                "`get all` lists everything; to show {name:?}, name its kind: outrigger get KIND {name}"
+            );
+        }
         "/api/v1/resources".to_string()
     } else {
         format!("/api/v1/resources/{}", encode(kind))
@@ -372,7 +377,12 @@ pub async fn get(
         }
         Output::Table => {
             let value: Value = serde_json::from_slice(&bytes)?;
-            let items = value["items"].as_array().cloned().unwrap_or_default();
+            // A named read answers the resource itself, a list `items`.
+            let items = match value["items"].as_array() {
+                Some(items) => items.clone(),
+                None if value["kind"].is_string() => vec![value],
+                None => Vec::new(),
+            };
             if items.is_empty() {
                 eprintln!("No resources found.");
                 return Ok(());

@@ -111,13 +111,43 @@ impl ControlPlane {
 
     /// Plans a change with `plan` and, if it changes anything, writes it
     /// as the next revision. With `expected`, refuses (stale) unless the
-    /// current revision is that one.
+    /// current revision is that one. With `dry_run`, answers what would
+    /// change and writes nothing.
     pub async fn write(
         &self,
         author: &str,
         action: String,
         expected: Option<u64>,
         dry_run: bool,
+        plan: impl FnOnce(&PolicyState) -> Result<Option<Plan>, PlanError>,
+    ) -> Result<Outcome, WriteError> {
+        self.write_inner(author, action, expected, dry_run, false, |state, _| {
+            plan(state)
+        })
+        .await
+    }
+
+    /// Like [`ControlPlane::write`], for a plan that needs the revision
+    /// log (a rollback). Only these read it: its cost grows with history.
+    pub async fn write_with_log(
+        &self,
+        author: &str,
+        action: String,
+        expected: Option<u64>,
+        dry_run: bool,
+        plan: impl FnOnce(&PolicyState, &[Revision]) -> Result<Option<Plan>, PlanError>,
+    ) -> Result<Outcome, WriteError> {
+        self.write_inner(author, action, expected, dry_run, true, plan)
+            .await
+    }
+
+    async fn write_inner(
+        &self,
+        author: &str,
+        action: String,
+        expected: Option<u64>,
+        dry_run: bool,
+        needs_log: bool,
         plan: impl FnOnce(&PolicyState, &[Revision]) -> Result<Option<Plan>, PlanError>,
     ) -> Result<Outcome, WriteError> {
         let _writer = self.writer.lock().await;
@@ -132,8 +162,11 @@ impl ControlPlane {
             ))
             .into());
         }
-        // Only rollbacks need the log; reading it is cheap next to a write.
-        let log = self.revisions().await?;
+        let log = if needs_log {
+            self.revisions().await?
+        } else {
+            Vec::new()
+        };
         let Some(plan) = plan(&current, &log)? else {
             return Ok(Outcome::Unchanged {
                 revision: current.revision,
@@ -201,6 +234,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     let prometheus = crate::metrics::install();
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("cannot create data dir {}", options.data_dir.display()))?;
+    restrict_to_owner(&options.data_dir)?;
     let store_path = options.data_dir.join(STORE_FILE);
     // Read and check the backup before the store file is even created, so
     // a bad backup leaves the data dir as it was.
@@ -284,6 +318,22 @@ pub struct Backup {
 }
 
 pub const BACKUP_FORMAT: &str = "outrigger-backup/v1";
+
+/// The data dir holds the admin token and the whole policy: like etcd's,
+/// it is for the server's user alone (0700).
+fn restrict_to_owner(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read data dir {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make data dir {} private (0700)", dir.display()))?;
+        tracing::info!(data_dir = %dir.display(), from = format!("{:o}", mode & 0o777), "data dir made private (0700)");
+    }
+    Ok(())
+}
 
 fn read_backup(path: &Path) -> anyhow::Result<Backup> {
     let text =

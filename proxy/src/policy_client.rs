@@ -119,12 +119,17 @@ pub async fn run(options: PolicyClientOptions, running: Arc<Running>) {
         let result = session(&options, &running, &mut backoff).await;
         metrics::gauge!(crate::metrics::POLICY_STREAM_CONNECTED).set(0.0);
         let delay = backoff.next();
+        let serving = if running.state.loaded().is_some() {
+            "serving the last good policy"
+        } else {
+            "no policy yet: not ready"
+        };
         match result {
             Ok(()) => {
-                tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, "the control plane closed the policy stream; serving the last good policy")
+                tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, "the control plane closed the policy stream; {serving}")
             }
             Err(e) => {
-                tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, error = %format!("{e:#}"), "policy stream failed; serving the last good policy")
+                tracing::warn!(endpoint = %options.endpoint, retry_in = ?delay, error = %format!("{e:#}"), "policy stream failed; {serving}")
             }
         }
         tokio::time::sleep(delay).await;
