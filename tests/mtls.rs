@@ -55,6 +55,39 @@ async fn web_sidecar(api: &Proxy, protocol: &str, identity: &str, files: &Identi
     .await
 }
 
+/// Both sidecars with certificates from one CA: api's for `api_sa`, and
+/// web expecting `API_ID` from it.
+struct Mesh {
+    _dir: tempfile::TempDir,
+    api: Proxy,
+    web: Proxy,
+}
+
+async fn mesh(app_port: u16, protocol: &str, api_sa: &str) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mesh root");
+    let api_id = format!("spiffe://cluster.local/ns/shop/sa/{api_sa}");
+    let api = api_sidecar(
+        app_port,
+        protocol,
+        api_sa,
+        &ca.write(dir.path(), "api", Leaf::Spiffe(&api_id)),
+    )
+    .await;
+    let web = web_sidecar(
+        &api,
+        protocol,
+        API_ID,
+        &ca.write(dir.path(), "web", Leaf::Spiffe(WEB_ID)),
+    )
+    .await;
+    Mesh {
+        _dir: dir,
+        api,
+        web,
+    }
+}
+
 async fn metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
     let (_, body) = proxy.admin_get("/metrics").await;
     metric_sum(&body, name, labels)
@@ -62,23 +95,8 @@ async fn metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test]
 async fn requests_between_sidecars_ride_mtls_and_the_app_sees_the_caller() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("mesh root");
     let app = HttpUpstream::start("app").await;
-    let api = api_sidecar(
-        app.addr.port(),
-        "http",
-        "api",
-        &ca.write(dir.path(), "api", Leaf::Spiffe(API_ID)),
-    )
-    .await;
-    let web = web_sidecar(
-        &api,
-        "http",
-        API_ID,
-        &ca.write(dir.path(), "web", Leaf::Spiffe(WEB_ID)),
-    )
-    .await;
+    let Mesh { _dir, api, web } = mesh(app.addr.port(), "http", "api").await;
     let outbound = web.listener("outbound/shop/api");
 
     // HTTP/1.1 from the app; a forged caller header does not survive.
@@ -203,25 +221,14 @@ async fn the_inbound_side_refuses_bad_clients_at_the_handshake() {
 
 #[tokio::test]
 async fn the_outbound_side_refuses_a_server_with_the_wrong_identity() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("mesh root");
     let app = HttpUpstream::start("app").await;
     // A server that is in the mesh, but is not who the Service says.
     let impostor_id = "spiffe://cluster.local/ns/shop/sa/impostor";
-    let api = api_sidecar(
-        app.addr.port(),
-        "http",
-        "impostor",
-        &ca.write(dir.path(), "api", Leaf::Spiffe(impostor_id)),
-    )
-    .await;
-    let web = web_sidecar(
-        &api,
-        "http",
-        API_ID,
-        &ca.write(dir.path(), "web", Leaf::Spiffe(WEB_ID)),
-    )
-    .await;
+    let Mesh {
+        _dir,
+        api: _api,
+        web,
+    } = mesh(app.addr.port(), "http", "impostor").await;
 
     let (status, body) = clients::http1_get(web.listener("outbound/shop/api"), "/")
         .await
@@ -248,23 +255,8 @@ async fn the_outbound_side_refuses_a_server_with_the_wrong_identity() {
 
 #[tokio::test]
 async fn opaque_tcp_rides_mtls_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("mesh root");
     let echo = TcpEcho::start().await;
-    let api = api_sidecar(
-        echo.addr.port(),
-        "tcp",
-        "api",
-        &ca.write(dir.path(), "api", Leaf::Spiffe(API_ID)),
-    )
-    .await;
-    let web = web_sidecar(
-        &api,
-        "tcp",
-        API_ID,
-        &ca.write(dir.path(), "web", Leaf::Spiffe(WEB_ID)),
-    )
-    .await;
+    let Mesh { _dir, api, web } = mesh(echo.addr.port(), "tcp", "api").await;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(web.listener("outbound/shop/api"))

@@ -241,12 +241,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        signatures::tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -255,18 +250,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        signatures::tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        signatures::schemes()
     }
 }
 
@@ -316,6 +304,33 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
+        signatures::tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        signatures::tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        signatures::schemes()
+    }
+}
+
+/// Handshake signatures, checked the same way both ways with ring's
+/// algorithms.
+mod signatures {
+    use super::*;
+
+    pub fn tls12(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
@@ -324,8 +339,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )
     }
 
-    fn verify_tls13_signature(
-        &self,
+    pub fn tls13(
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
@@ -338,7 +352,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )
     }
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+    pub fn schemes() -> Vec<SignatureScheme> {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
