@@ -37,9 +37,9 @@ pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| {
-            // ring is the provider the project builds on (no C toolchain,
-            // no OpenSSL); rustls marks it deprecated for lacking
-            // post-quantum key exchange, a gap noted in docs/SECURITY.md.
+            // ring is the provider the design chose (pure Rust build, no
+            // OpenSSL); rustls marks this deprecated because ring has no
+            // post-quantum key exchange. A known, accepted gap for now.
             #[allow(deprecated)]
             let provider = rustls::crypto::ring::default_provider();
             Arc::new(provider)
