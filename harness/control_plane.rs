@@ -133,6 +133,25 @@ impl ControlPlane {
         (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// GET on the admin listener (`/metrics`, `/ready`): status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let request = Request::get(format!("http://{}{path}", self.admin))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .expect("admin answers in time")
+            .expect("admin reachable");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("admin body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let (status, body) = self.call("GET", path, None, None).await;
         assert_eq!(status, 200, "GET {path}: {body}");

@@ -297,6 +297,17 @@ async fn state_survives_sigkill_and_backup_restores_a_fresh_data_dir() {
     // restore into a fresh one.
     let backup_dir = tempfile::tempdir().unwrap();
     let backup = backup_dir.path().join("backup.json");
+    let (status, body) = cp
+        .call(
+            "POST",
+            "/api/v1/tokens",
+            Some(("application/json", r#"{"workload": "shop/web"}"#)),
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let tokens = cp.get_json("/api/v1/tokens").await;
+    let root = std::fs::read_to_string(data.path().join("ca.crt")).unwrap();
     let (ok, stdout, stderr) = run(cp.cli().arg("backup").arg(&backup));
     assert!(ok, "{stderr}");
     assert!(stdout.contains("backed up 2 revisions"), "{stdout}");
@@ -308,6 +319,12 @@ async fn state_survives_sigkill_and_backup_restores_a_fresh_data_dir() {
         ControlPlane::start_with(fresh.path(), &["--restore", backup.to_str().unwrap()]).await;
     assert_eq!(restored.get_json("/api/v1/revisions").await, before);
     assert_eq!(restored.snapshot("shop/web").await, snapshot);
+    // The same CA and tokens: sidecars keep trusting and renewing.
+    assert_eq!(
+        std::fs::read_to_string(fresh.path().join("ca.crt")).unwrap(),
+        root
+    );
+    assert_eq!(restored.get_json("/api/v1/tokens").await, tokens);
     drop(restored);
 
     // Restarting with `--restore` still set is harmless: the store already

@@ -61,6 +61,10 @@ pub mod proto {
     pub mod discovery {
         tonic::include_proto!("outrigger.discovery.v1");
     }
+    #[allow(clippy::all, unused_qualifications)]
+    pub mod identity {
+        tonic::include_proto!("outrigger.identity.v1");
+    }
 }
 pub use model::*;
 pub use validate::parse_workload_ref;

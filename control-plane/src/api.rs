@@ -18,13 +18,14 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use outrigger_config::{ConfigErrors, ResourceRef};
 use serde::Deserialize;
@@ -32,9 +33,10 @@ use serde_json::{Value, json};
 
 use crate::hub::ProxyRecord;
 use crate::resources::{Key, PlanError, kind_named, line_diff, unknown_kind};
-use crate::server::{BACKUP_FORMAT, Backup, ControlPlane, Outcome, WriteError};
+use crate::server::{BACKUP_FORMAT, Backup, ControlPlane, Outcome, Secrets, WriteError};
 use crate::store::{Change, Revision};
 use crate::timefmt;
+use crate::tokens::TokenRecord;
 
 type Cp = Arc<ControlPlane>;
 
@@ -53,6 +55,8 @@ pub fn router(cp: Cp) -> Router {
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/snapshots/{namespace}/{name}", get(snapshot))
         .route("/api/v1/backup", get(backup))
+        .route("/api/v1/tokens", post(create_token).get(list_tokens))
+        .route("/api/v1/tokens/{id}", delete(revoke_token))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), require_token))
         .layer(middleware::map_response(json_errors))
@@ -714,10 +718,101 @@ async fn snapshot(
 async fn backup(State(cp): State<Cp>) -> Result<Response, ApiError> {
     // One read transaction: a consistent copy even while writes go on.
     let revisions = cp.revisions().await.map_err(store_error)?;
+    let authority = &cp.authority;
     let backup = Backup {
         format: BACKUP_FORMAT.to_string(),
         created_at: timefmt::rfc3339(std::time::SystemTime::now()),
         revisions,
+        secrets: Some(Secrets {
+            ca: authority.ca.own_files(),
+            tokens: authority.tokens.export(),
+        }),
     };
     Ok(axum::Json(backup).into_response())
+}
+
+// === Bootstrap tokens ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    /// `NAME` or `NAMESPACE/NAME`.
+    workload: String,
+    /// e.g. `720h`; default one year: the token authenticates every
+    /// renewal, so it must outlive the workload's certificates.
+    ttl: Option<String>,
+}
+
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(365 * 86_400);
+
+fn token_json(record: &TokenRecord) -> Value {
+    json!({
+        "id": record.id,
+        "workload": record.workload,
+        "createdAt": timefmt::from_unix_ms(record.created_at_unix.saturating_mul(1000)),
+        "expiresAt": timefmt::from_unix_ms(record.expires_at_unix.saturating_mul(1000)),
+        "createdBy": record.created_by,
+        "revoked": record.revoked,
+    })
+}
+
+async fn create_token(
+    State(cp): State<Cp>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: TokenBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"workload\": \"NAMESPACE/NAME\", \"ttl\": \"720h\"}}: {e}"),
+        )
+    })?;
+    let workload = outrigger_config::parse_workload_ref(&body.workload)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("workload: {e}")))?;
+    let ttl = match &body.ttl {
+        Some(ttl) => outrigger_config::parse_duration(ttl)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?,
+        None => DEFAULT_TOKEN_TTL,
+    };
+    if ttl.is_zero() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ttl: must be more than zero",
+        ));
+    }
+    let author = author(&headers);
+    let tokens = cp.clone();
+    let new = tokio::task::spawn_blocking(move || {
+        tokens.authority.tokens.create(&workload, ttl, &author)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    // The id only: the token itself is never logged.
+    tracing::info!(id = %new.record.id, workload = %new.record.workload, by = %new.record.created_by, "bootstrap token created");
+    let mut answer = token_json(&new.record);
+    answer["token"] = Value::String(new.token);
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+}
+
+async fn list_tokens(State(cp): State<Cp>) -> Response {
+    let tokens: Vec<Value> = cp.authority.tokens.list().iter().map(token_json).collect();
+    axum::Json(json!({ "tokens": tokens })).into_response()
+}
+
+async fn revoke_token(State(cp): State<Cp>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let tokens = cp.clone();
+    let revoke_id = id.clone();
+    let revoked = tokio::task::spawn_blocking(move || tokens.authority.tokens.revoke(&revoke_id))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    if !revoked {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no token {id:?}"),
+        ));
+    }
+    tracing::info!(%id, "bootstrap token revoked");
+    Ok(axum::Json(json!({ "revoked": id })).into_response())
 }

@@ -32,19 +32,27 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<String> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = random_hex(32)?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            writeln!(file, "{token}")?;
-            file.sync_all()?;
+            write_private(&path, format!("{token}\n").as_bytes())?;
             tracing::info!(path = %path.display(), "created the admin token");
             Ok(token)
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+/// Creates `path` (it must not exist) readable by its owner only (0600),
+/// writes `bytes` and syncs: secrets are never world-readable, not even
+/// for a moment.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
 }
 
 /// `bytes` random bytes from the OS, as hex.

@@ -628,6 +628,74 @@ pub async fn backup(api: &Api, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the token alone on stdout (so `> web.token` captures it) and what
+/// it is on stderr.
+pub async fn token_create(api: &Api, workload: &str, ttl: Option<&str>) -> anyhow::Result<()> {
+    let body = json!({ "workload": workload, "ttl": ttl }).to_string();
+    let answer = api
+        .call(
+            Method::POST,
+            "/api/v1/tokens",
+            Some(("application/json", Bytes::from(body))),
+            &[],
+        )
+        .await?;
+    let answer: Value = serde_json::from_slice(&answer).context("the answer is not JSON")?;
+    let token = answer["token"]
+        .as_str()
+        .context("the server sent no token")?;
+    say!("{token}");
+    eprintln!(
+        "token {} for {}, expires {}",
+        answer["id"].as_str().unwrap_or(""),
+        answer["workload"].as_str().unwrap_or(""),
+        answer["expiresAt"].as_str().unwrap_or("")
+    );
+    Ok(())
+}
+
+pub async fn token_revoke(api: &Api, id: &str) -> anyhow::Result<()> {
+    api.call(
+        Method::DELETE,
+        &format!("/api/v1/tokens/{}", encode(id)),
+        None,
+        &[],
+    )
+    .await?;
+    say!("token {id} revoked");
+    Ok(())
+}
+
+pub async fn token_list(api: &Api) -> anyhow::Result<()> {
+    let value = api.get_json("/api/v1/tokens").await?;
+    let rows: Vec<Vec<String>> = value["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let text = |k: &str| t[k].as_str().unwrap_or("").to_string();
+            let status = if t["revoked"].as_bool() == Some(true) {
+                "revoked"
+            } else {
+                "valid"
+            };
+            vec![
+                text("id"),
+                text("workload"),
+                text("createdAt"),
+                text("expiresAt"),
+                status.to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        eprintln!("No tokens.");
+        return Ok(());
+    }
+    print_table(&["ID", "WORKLOAD", "CREATED", "EXPIRES", "STATUS"], &rows);
+    Ok(())
+}
+
 /// The first few changes of a revision, then how many more.
 fn summarize(changes: &[String]) -> String {
     const SHOWN: usize = 3;

@@ -160,6 +160,7 @@ async fn session(
                     revision: snapshot.revision,
                     workload: workload.to_string(),
                     yaml: snapshot.yaml.clone(),
+                    trust_bundle_pem: snapshot.trust_bundle.to_string(),
                 };
                 metrics::counter!("outrigger_cp_pushes_total").increment(1);
                 if tx.send(Ok(message)).await.is_err() {

@@ -20,10 +20,12 @@ use tokio::sync::watch;
 /// One workload's snapshot.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Snapshot {
-    /// A digest of `yaml`.
+    /// A digest of `yaml` and the trust bundle.
     pub version: String,
     pub revision: u64,
     pub yaml: String,
+    /// The roots sidecars trust (PEM); empty without a CA.
+    pub trust_bundle: Arc<str>,
 }
 
 /// An immutable picture of everything sidecars are served.
@@ -35,15 +37,22 @@ pub struct View {
     pub registered: Registered,
     /// Built on first use; `None` for a workload the policy does not define.
     snapshots: Mutex<HashMap<ResourceRef, Option<Arc<Snapshot>>>>,
+    trust_bundle: Arc<str>,
 }
 
 impl View {
-    fn new(revision: u64, config: Arc<MeshConfig>, registered: Registered) -> Self {
+    fn new(
+        revision: u64,
+        config: Arc<MeshConfig>,
+        registered: Registered,
+        trust_bundle: Arc<str>,
+    ) -> Self {
         Self {
             revision,
             config,
             registered,
             snapshots: Mutex::new(HashMap::new()),
+            trust_bundle,
         }
     }
 
@@ -55,10 +64,14 @@ impl View {
             .entry(workload.clone())
             .or_insert_with(|| {
                 build_snapshot(&self.config, &self.registered, workload).map(|yaml| {
+                    // A new bundle (a root rotation) is a new version too.
+                    let mut versioned = yaml.clone().into_bytes();
+                    versioned.extend_from_slice(self.trust_bundle.as_bytes());
                     Arc::new(Snapshot {
-                        version: outrigger_config::digest(yaml.as_bytes()),
+                        version: outrigger_config::digest(&versioned),
                         revision: self.revision,
                         yaml,
+                        trust_bundle: self.trust_bundle.clone(),
                     })
                 })
             })
@@ -210,6 +223,8 @@ pub struct Hub {
     /// [`Hub::with_registrations_file`]); a write is due when notified.
     registrations_file: Option<std::path::PathBuf>,
     save_due: tokio::sync::Notify,
+    /// Sent with every snapshot.
+    trust_bundle: Arc<str>,
 }
 
 /// After a restart, how long the registrations saved by the previous run
@@ -237,7 +252,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Hub {
     #[cfg(test)]
     pub fn new(revision: u64, config: Arc<MeshConfig>, grace: Duration) -> Arc<Self> {
-        Self::with_registrations_file(revision, config, grace, None)
+        Self::with_registrations_file(revision, config, grace, None, Arc::from(""))
     }
 
     /// A hub that saves registered endpoints to `file` (at most about
@@ -250,8 +265,14 @@ impl Hub {
         config: Arc<MeshConfig>,
         grace: Duration,
         file: Option<std::path::PathBuf>,
+        trust_bundle: Arc<str>,
     ) -> Arc<Self> {
-        let view = View::new(revision, config.clone(), BTreeMap::new());
+        let view = View::new(
+            revision,
+            config.clone(),
+            BTreeMap::new(),
+            trust_bundle.clone(),
+        );
         let (views, _) = watch::channel(Arc::new(view));
         let hub = Arc::new(Self {
             policy: Mutex::new((revision, config)),
@@ -263,6 +284,7 @@ impl Hub {
             grace,
             registrations_file: file,
             save_due: tokio::sync::Notify::new(),
+            trust_bundle,
         });
         if hub.registrations_file.is_some() {
             hub.restore_registrations();
@@ -402,8 +424,12 @@ impl Hub {
         if !force && self.views.borrow().registered == registered {
             return;
         }
-        self.views
-            .send_replace(Arc::new(View::new(revision, config, registered)));
+        self.views.send_replace(Arc::new(View::new(
+            revision,
+            config,
+            registered,
+            self.trust_bundle.clone(),
+        )));
     }
 
     /// A new stream from a sidecar. A previous, disconnected record of the

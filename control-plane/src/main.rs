@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 
 mod api;
 mod auth;
+mod ca;
+mod certify;
 mod client;
 mod demo;
 mod discovery;
@@ -18,6 +20,7 @@ mod resources;
 mod server;
 mod store;
 mod timefmt;
+mod tokens;
 
 use client::{Api, Connection, Output};
 
@@ -98,6 +101,10 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Bootstrap tokens: what a sidecar proves its workload with to get a
+    /// certificate.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Check a policy file (multi-document YAML) and report every problem.
     Validate {
         /// The file to check.
@@ -110,6 +117,36 @@ enum Command {
         /// removed afterwards).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token for one workload and print it (only this once); give
+    /// it to the sidecar with --token-file.
+    Create {
+        /// NAME or NAMESPACE/NAME.
+        #[arg(long)]
+        workload: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// How long it can be used, e.g. 720h (default: a year). Every
+        /// renewal uses it, so it must outlive the certificates.
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Revoke a token by its id: no more certificates for it.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List tokens (ids, workloads, expiry; never the tokens).
+    List {
+        #[command(flatten)]
+        connection: Connection,
     },
 }
 
@@ -145,6 +182,32 @@ struct ServeArgs {
     /// reconnecting), e.g. 10s.
     #[arg(long, env = "OUTRIGGER_ENDPOINT_GRACE", default_value = "10s", value_parser = duration)]
     endpoint_grace: Duration,
+    /// The CA certificate to sign workload certificates with (PEM; an
+    /// intermediate may be followed by its issuers). Default: a root the
+    /// server makes in the data dir on first start.
+    #[arg(
+        long,
+        env = "OUTRIGGER_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
+    ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM).
+    #[arg(
+        long,
+        env = "OUTRIGGER_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
+    ca_key: Option<PathBuf>,
+    /// The roots sidecars trust (PEM, several during a root rotation).
+    /// Default: the CA certificate itself.
+    #[arg(long, env = "OUTRIGGER_TRUST_BUNDLE", value_name = "FILE")]
+    trust_bundle: Option<PathBuf>,
+    /// How long workload certificates live, e.g. 24h; sidecars renew at
+    /// about half of it.
+    #[arg(long, env = "OUTRIGGER_CERT_TTL", default_value = "24h", value_parser = positive_duration)]
+    cert_ttl: Duration,
     /// Log filter, e.g. info or outrigger=debug.
     #[arg(long, env = "OUTRIGGER_LOG", default_value = "info")]
     log: String,
@@ -152,6 +215,14 @@ struct ServeArgs {
 
 fn duration(s: &str) -> Result<Duration, String> {
     outrigger_config::parse_duration(s)
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = outrigger_config::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".to_string());
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
@@ -247,6 +318,24 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
         Command::Backup { file, connection } => {
             client::backup(&Api::new(&connection)?, &file).await
         }
+        Command::Token(TokenCommand::Create {
+            workload,
+            namespace,
+            ttl,
+            connection,
+        }) => {
+            let workload = match namespace {
+                Some(ns) if !workload.contains('/') => format!("{ns}/{workload}"),
+                _ => workload,
+            };
+            client::token_create(&Api::new(&connection)?, &workload, ttl.as_deref()).await
+        }
+        Command::Token(TokenCommand::Revoke { id, connection }) => {
+            client::token_revoke(&Api::new(&connection)?, &id).await
+        }
+        Command::Token(TokenCommand::List { connection }) => {
+            client::token_list(&Api::new(&connection)?).await
+        }
         Command::Serve(_) | Command::Validate { .. } | Command::Demo { .. } => {
             unreachable!("handled in main")
         }
@@ -261,6 +350,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         restore: args.restore,
         endpoint_grace: args.endpoint_grace,
+        ca: ca::CaOptions {
+            cert: args.ca_cert,
+            key: args.ca_key,
+            trust_bundle: args.trust_bundle,
+        },
+        cert_ttl: args.cert_ttl,
     })
     .await?;
     // One machine-readable line on stdout: scripts and tests learn the

@@ -5,6 +5,8 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const PUSH_ACK_SECONDS: &str = "outrigger_cp_push_ack_seconds";
+pub const CERTIFICATES_ISSUED: &str = "outrigger_cp_certificates_issued_total";
+pub const CERTIFICATES_REFUSED: &str = "outrigger_cp_certificates_refused_total";
 
 /// From 1 ms (a sidecar next door) to 30 s.
 const PUSH_ACK_BUCKETS: &[f64] = &[
@@ -54,6 +56,12 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time from sending a snapshot to its ACK"
     );
+    metrics::describe_counter!(CERTIFICATES_ISSUED, "Workload certificates signed");
+    metrics::describe_counter!(
+        CERTIFICATES_REFUSED,
+        "Certificate requests refused, by reason (bad_token, unknown_workload, wrong_identity, bad_csr)"
+    );
+    metrics::counter!(CERTIFICATES_ISSUED).absolute(0);
     // Present from the start, so dashboards and alerts see zeros, not gaps.
     metrics::gauge!("outrigger_cp_connected_proxies").set(0.0);
     metrics::counter!("outrigger_cp_pushes_total").absolute(0);

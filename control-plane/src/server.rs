@@ -15,9 +15,12 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
+use crate::ca::{Ca, CaOptions};
+use crate::certify::{self, Authority};
 use crate::hub::Hub;
 use crate::resources::{Plan, PlanError, PolicyState};
 use crate::store::{Change, RedbStore, Revision, Store, StoreError};
+use crate::tokens::Tokens;
 use crate::{api, auth, discovery, timefmt};
 
 /// The store's file inside the data dir.
@@ -36,6 +39,10 @@ pub struct ServeOptions {
     pub restore: Option<PathBuf>,
     /// How long a disconnected sidecar's endpoints stay registered.
     pub endpoint_grace: Duration,
+    /// Where the CA comes from.
+    pub ca: CaOptions,
+    /// How long the workload certificates it signs live.
+    pub cert_ttl: Duration,
 }
 
 /// The policy store and its current state; all writes go through here.
@@ -46,6 +53,8 @@ pub struct ControlPlane {
     writer: tokio::sync::Mutex<()>,
     pub hub: Arc<Hub>,
     pub token: String,
+    /// The CA and the bootstrap tokens.
+    pub authority: Arc<Authority>,
 }
 
 /// What a write did.
@@ -78,7 +87,9 @@ impl ControlPlane {
         token: String,
         grace: Duration,
         registrations: Option<PathBuf>,
+        authority: Arc<Authority>,
     ) -> anyhow::Result<Arc<Self>> {
+        let trust_bundle = Arc::from(authority.ca.bundle_pem());
         let revisions = store.all()?;
         let state = PolicyState::replay(&revisions)?;
         let hub = Hub::with_registrations_file(
@@ -86,6 +97,7 @@ impl ControlPlane {
             state.config.clone(),
             grace,
             registrations,
+            trust_bundle,
         );
         metrics::gauge!("outrigger_cp_revision").set(state.revision as f64);
         Ok(Arc::new(Self {
@@ -94,6 +106,7 @@ impl ControlPlane {
             writer: tokio::sync::Mutex::new(()),
             hub,
             token,
+            authority,
         }))
     }
 
@@ -244,17 +257,33 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     };
     let store = RedbStore::open(&store_path)?;
     if let Some((path, backup)) = backup {
+        let secrets = backup
+            .secrets
+            .as_ref()
+            .map(|s| (s.ca.clone(), s.tokens.clone()));
         restore(&store, path, backup)?;
+        if let Some((ca, tokens)) = secrets {
+            if let Some(ca) = ca {
+                ca.restore_into(&options.data_dir)?;
+            }
+            tokens.restore_into(&options.data_dir)?;
+        }
     }
     if !options.api_addr.ip().is_loopback() {
         tracing::warn!(api = %options.api_addr, "the REST API listens beyond loopback over plain HTTP: the admin token crosses the network in clear text");
     }
     let token = auth::load_or_create(&options.data_dir)?;
+    let authority = Arc::new(Authority {
+        ca: Ca::load_or_create(&options.data_dir, &options.ca)?,
+        tokens: Tokens::open(&options.data_dir)?,
+        cert_ttl: options.cert_ttl,
+    });
     let control_plane = ControlPlane::open(
         Arc::new(store),
         token,
         options.endpoint_grace,
         Some(options.data_dir.join(REGISTRATIONS_FILE)),
+        authority,
     )?;
     tracing::info!(
         revision = control_plane.state().revision,
@@ -269,12 +298,14 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
         (grpc.local_addr()?, api.local_addr()?, admin.local_addr()?);
 
     let hub = control_plane.hub.clone();
+    let certify = certify::service(control_plane.clone());
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(discovery::service(hub))
+            .add_service(certify)
             .serve_with_incoming(incoming)
             .await;
         if let Err(e) = result {
@@ -308,13 +339,28 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
-/// What `outrigger backup` writes: the whole log, which is all there is.
+/// What `outrigger backup` writes: the whole log, and the identity
+/// secrets without which restored sidecars could not be trusted.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Backup {
     pub format: String,
     pub created_at: String,
     pub revisions: Vec<Revision>,
+    /// Absent in backups made before the CA existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Secrets>,
+}
+
+/// The CA the server made for itself (an operator's own CA is the
+/// operator's to keep), the token key and the token records. A backup
+/// holding these is as sensitive as the data dir: it is written 0600.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Secrets {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<crate::ca::CaFiles>,
+    pub tokens: crate::tokens::TokensExport,
 }
 
 pub const BACKUP_FORMAT: &str = "outrigger-backup/v1";

@@ -87,6 +87,18 @@ pub struct Args {
     #[arg(long, env = "OUTRIGGER_TRUST_BUNDLE", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
     pub trust_bundle: Option<PathBuf>,
 
+    /// With --control-plane: the bootstrap token (`outrigger token
+    /// create`) this sidecar gets its certificates with. Turns on mTLS;
+    /// read again at every renewal.
+    #[arg(
+        long,
+        env = "OUTRIGGER_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "control_plane",
+        conflicts_with = "tls_cert"
+    )]
+    pub token_file: Option<PathBuf>,
+
     /// Accept TLS 1.2 between sidecars as well as TLS 1.3.
     #[arg(long, env = "OUTRIGGER_TLS12")]
     pub tls12: bool,

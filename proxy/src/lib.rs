@@ -26,6 +26,7 @@ pub mod forward;
 pub mod headers;
 pub mod http;
 pub mod identity;
+pub mod identity_client;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;

@@ -7,6 +7,7 @@ use outrigger_proxy::app;
 use outrigger_proxy::cli::{Args, LogFormat};
 use outrigger_proxy::drain::DrainOutcome;
 use outrigger_proxy::identity::{Credentials, Identity, TrustBundle};
+use outrigger_proxy::identity_client::{self, IdentityClientOptions};
 use outrigger_proxy::policy_client::{self, PolicyClientOptions};
 use outrigger_proxy::state::Loaded;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         files.load_into(&identity)?;
         options.identity = Some(identity);
     }
+    if args.token_file.is_some() {
+        // Empty until the control plane signs our first certificate.
+        options.identity = Some(Arc::new(Identity::new()));
+    }
     let loaded = match (&args.config, &args.state_dir) {
         (Some(path), _) => Some(app::load(path, &options.workload)?),
         (None, Some(dir)) => policy_client::load_saved(dir, &options.workload),
@@ -90,6 +95,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             state_dir: args.state_dir.clone(),
         };
         tokio::spawn(policy_client::run(client, running.clone()));
+        if let (Some(token_file), Some(identity)) = (&args.token_file, running.state.identity()) {
+            let options = IdentityClientOptions {
+                endpoint: endpoint.clone(),
+                token_file: token_file.clone(),
+            };
+            tokio::spawn(identity_client::run(
+                options,
+                running.clone(),
+                identity.clone(),
+            ));
+        }
     }
 
     // One machine-readable line on stdout, so scripts and tests learn the

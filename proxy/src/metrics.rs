@@ -30,6 +30,7 @@ pub const POLICY_ACKS_TOTAL: &str = "outrigger_policy_acks_total";
 pub const POLICY_NACKS_TOTAL: &str = "outrigger_policy_nacks_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "outrigger_tls_handshakes_total";
 pub const CERT_EXPIRY: &str = "outrigger_identity_cert_expiry_timestamp_seconds";
+pub const CERT_RENEWALS_TOTAL: &str = "outrigger_identity_renewals_total";
 
 /// Latency buckets in seconds, from 100 µs (a local hop) to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -86,6 +87,10 @@ fn describe() {
     metrics::describe_counter!(
         TLS_HANDSHAKES_TOTAL,
         "mTLS handshakes, by direction, result (ok, failed) and failure reason"
+    );
+    metrics::describe_counter!(
+        CERT_RENEWALS_TOTAL,
+        "Certificate requests to the control plane, by result (ok, failed)"
     );
     metrics::describe_gauge!(
         CERT_EXPIRY,

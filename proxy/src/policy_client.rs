@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::app::{self, Running};
+use crate::identity::TrustBundle;
 use crate::state::{Direction, Loaded};
 
 /// The saved snapshot's file in the state dir.
@@ -284,6 +285,19 @@ async fn apply(
         );
     }
     let workload = loaded.workload.to_string();
+    // The roots to trust come with the policy, so a root rotation reaches
+    // every sidecar like any other change.
+    if let Some(identity) = running.state.identity()
+        && !snapshot.trust_bundle_pem.is_empty()
+        && identity.bundle().map(|b| b.pem.clone()).as_deref()
+            != Some(snapshot.trust_bundle_pem.as_str())
+    {
+        let bundle = TrustBundle::from_pem(
+            "the snapshot's trust bundle",
+            snapshot.trust_bundle_pem.as_bytes(),
+        )?;
+        identity.set_bundle(bundle);
+    }
     running.apply(loaded).await?;
     if let Some(dir) = &options.state_dir {
         let saved = Saved {
@@ -320,7 +334,7 @@ fn inbound_ports(running: &Running) -> Vec<InboundPort> {
 
 /// Exponential backoff with full jitter: a fleet of sidecars that lost the
 /// control plane at once does not come back at once.
-struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
@@ -328,7 +342,7 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         // Seeded per process: enough to spread a fleet, not cryptography.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -343,22 +357,27 @@ impl Backoff {
         }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let ceiling = self
             .base
             .saturating_mul(1u32 << self.attempt.min(16))
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        // xorshift64
+        ceiling
+            .mul_f64(self.fraction())
+            .max(Duration::from_millis(10))
+    }
+
+    /// A pseudo-random number in [0, 1) (xorshift64): jitter.
+    pub(crate) fn fraction(&mut self) -> f64 {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        let fraction = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        ceiling.mul_f64(fraction).max(Duration::from_millis(10))
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

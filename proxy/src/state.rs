@@ -72,6 +72,8 @@ pub struct ProxyState {
     draining: AtomicBool,
     /// Set once at start when the sidecar runs mTLS.
     identity: OnceLock<Arc<Identity>>,
+    /// Woken whenever a configuration is applied.
+    applied_changed: tokio::sync::Notify,
 }
 
 impl ProxyState {
@@ -82,6 +84,13 @@ impl ProxyState {
     pub fn set_applied(&self, loaded: Arc<Loaded>, listeners: Vec<BoundListener>) {
         self.applied
             .store(Some(Arc::new(Applied { loaded, listeners })));
+        self.applied_changed.notify_waiters();
+    }
+
+    /// Resolves at the next [`ProxyState::set_applied`]. Create it before
+    /// reading the state it guards, or a change in between is missed.
+    pub fn applied_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.applied_changed.notified()
     }
 
     pub fn applied(&self) -> Option<Arc<Applied>> {
