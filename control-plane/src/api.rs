@@ -753,6 +753,7 @@ fn token_json(record: &TokenRecord) -> Value {
         "expiresAt": timefmt::from_unix_ms(record.expires_at_unix.saturating_mul(1000)),
         "createdBy": record.created_by,
         "revoked": record.revoked,
+        "expired": record.expires_at_unix.saturating_mul(1000) <= timefmt::now_unix_ms(),
     })
 }
 

@@ -676,6 +676,8 @@ pub async fn token_list(api: &Api) -> anyhow::Result<()> {
             let text = |k: &str| t[k].as_str().unwrap_or("").to_string();
             let status = if t["revoked"].as_bool() == Some(true) {
                 "revoked"
+            } else if t["expired"].as_bool() == Some(true) {
+                "expired"
             } else {
                 "valid"
             };
