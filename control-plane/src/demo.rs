@@ -102,7 +102,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 async fn run_in(dir: &Path) -> anyhow::Result<()> {
     let proxy_bin = sibling_binary("outrigger-proxy")?;
     println!(
-        "Outrigger demo: a control plane and a two-sidecar mesh on loopback (plaintext between sidecars)\n"
+        "Outrigger demo: a control plane and a two-sidecar mesh on loopback (mutual TLS between sidecars)\n"
     );
     let h1: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let h2: HttpClient = Client::builder(TokioExecutor::new())
@@ -131,6 +131,12 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         applied["revision"]
     );
 
+    // Each sidecar proves its workload with a bootstrap token and gets its
+    // certificate from the control plane's CA.
+    for workload in ["shop/api", "shop/web"] {
+        let file = dir.join(format!("{}.token", workload.replace('/', "-")));
+        cp.token_file(&h1, workload, &file).await?;
+    }
     let grpc = format!("http://{}", cp.grpc);
     let mut api = start_sidecar(&proxy_bin, "api", &grpc, "shop/api", dir)?;
     let mut web = start_sidecar(&proxy_bin, "web", &grpc, "shop/web", dir)?;
@@ -151,10 +157,40 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         "\n  policy, data and logs: {} (kept only with --dir)\n",
         dir.display()
     );
-    // web hears of api's endpoint once api has ACKed its first snapshot.
+    // web hears of api's endpoint once api has ACKed its first snapshot,
+    // and both need their certificates.
     wait_until_ok(&h1, &format!("http://{to_api}/hello")).await?;
 
     let mut steps = Vec::new();
+
+    // 0. Who is who: certificates from the control plane's CA.
+    let mut ids = Vec::new();
+    for sidecar in [&web, &api] {
+        let config = get_json(&h1, &format!("http://{}/config", sidecar.admin)).await?;
+        ids.push((
+            sidecar.name,
+            config["identity"]["spiffeId"]
+                .as_str()
+                .unwrap_or("none")
+                .to_string(),
+            config["identity"]["notAfter"].as_u64().unwrap_or(0),
+        ));
+    }
+    let web_id = ids[0].1.clone();
+    steps.push(Step {
+        what: "each sidecar has a SPIFFE identity from the control plane's CA",
+        ok: ids.iter().all(|(_, id, _)| id.starts_with("spiffe://")),
+        detail: ids
+            .iter()
+            .map(|(name, id, not_after)| {
+                format!(
+                    "{name} = {id} (until {})",
+                    crate::timefmt::from_unix_ms(not_after.saturating_mul(1000))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    });
 
     // 1. HTTP/1.1 through both sidecars, with a spoofed identity header.
     let req = Request::get(format!("http://{to_api}/hello"))
@@ -171,8 +207,8 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         ),
     });
     steps.push(Step {
-        what: "spoofed x-outrigger-client-id stripped",
-        ok: status == StatusCode::OK && seen["clientId"].is_null(),
+        what: "over mTLS the app sees the verified caller, not a spoofed header",
+        ok: status == StatusCode::OK && seen["clientId"] == web_id.as_str(),
         detail: format!("app saw x-outrigger-client-id: {}", seen["clientId"]),
     });
 
@@ -404,6 +440,32 @@ impl ControlPlane {
         }
         serde_json::from_slice(&body).context("apply answer")
     }
+
+    /// A bootstrap token for `workload`, written to `path` for the
+    /// sidecar's --token-file (as `outrigger token create` would).
+    async fn token_file(
+        &self,
+        client: &HttpClient,
+        workload: &str,
+        path: &Path,
+    ) -> anyhow::Result<()> {
+        let req = Request::post(format!("http://{}/api/v1/tokens", self.api))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                serde_json::json!({ "workload": workload }).to_string(),
+            )))?;
+        let (status, body) = send(client, req).await?;
+        if status != StatusCode::CREATED {
+            bail!(
+                "token refused ({status}): {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&body).context("token answer")?;
+        let token = answer["token"].as_str().context("no token in the answer")?;
+        std::fs::write(path, token).with_context(|| format!("cannot write {}", path.display()))
+    }
 }
 
 fn start_control_plane(dir: &Path) -> anyhow::Result<ControlPlane> {
@@ -499,6 +561,8 @@ fn start_sidecar(
         .arg(dir.join(format!("{name}-state")))
         .args(["--proxy-id", name])
         .args(["--workload", workload])
+        .arg("--token-file")
+        .arg(dir.join(format!("{}.token", workload.replace('/', "-"))))
         .args(["--admin-addr", "127.0.0.1:0", "--inbound-ip", "127.0.0.1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
