@@ -150,59 +150,143 @@ async fn sidecars_get_certificates_with_their_tokens_and_talk_mtls() {
     assert!(!logs.contains("ort1."), "a token was logged");
 }
 
+/// A CSR for `id` (the key is thrown away: these requests are refused).
+fn csr_for(id: &str) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
 #[tokio::test]
 async fn bad_revoked_and_foreign_tokens_get_no_certificate() {
+    use outrigger_config::proto::identity::CertifyRequest;
+    use outrigger_config::proto::identity::identity_client::IdentityClient;
+
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(&dir.path().join("cp")).await;
     cp.apply(&mesh(9)).await;
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap();
 
-    // Garbage.
-    let garbage = dir.path().join("garbage.token");
-    std::fs::write(&garbage, "ort1.nope.shop/web.99999999999.00").unwrap();
-    // Revoked.
-    let revoked = token_file(&cp, "shop/web", dir.path());
+    let good = read(&token_file(&cp, "shop/web", dir.path()));
+    let revoked = read(&token_file(&cp, "shop/web", dir.path()));
     let listed = cp.cli().args(["token", "list"]).output().unwrap();
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
-    let id = listed
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
+    let revoked_id = revoked.split('.').nth(1).unwrap();
+    assert!(listed.contains(revoked_id), "{listed}");
+    let out = cp
+        .cli()
+        .args(["token", "revoke", revoked_id])
+        .output()
         .unwrap();
-    let out = cp.cli().args(["token", "revoke", id]).output().unwrap();
     assert!(out.status.success());
-    // Another workload's token.
-    let foreign = token_file(&cp, "shop/api", dir.path());
+    let listed = cp.cli().args(["token", "list"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("revoked"));
+    let foreign = read(&token_file(&cp, "shop/api", dir.path()));
 
-    for (case, token, reason) in [
-        ("garbage", &garbage, "bad_token"),
-        ("revoked", &revoked, "bad_token"),
-        ("another workload's", &foreign, "wrong_identity"),
+    // The Certify RPC, as a sidecar (or an attacker) calls it.
+    let mut client = IdentityClient::connect(cp.grpc_url()).await.unwrap();
+    let mut certify = async |token: &str, id: &str| {
+        client
+            .certify(CertifyRequest {
+                token: token.to_string(),
+                csr_pem: csr_for(id),
+            })
+            .await
+    };
+    for (case, token, id, code) in [
+        (
+            "garbage",
+            "ort1.nope.shop/web.99999999999.00",
+            WEB_ID,
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "revoked",
+            revoked.as_str(),
+            WEB_ID,
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "another workload's",
+            foreign.as_str(),
+            WEB_ID,
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "a CSR for someone else",
+            good.as_str(),
+            API_ID,
+            tonic::Code::PermissionDenied,
+        ),
     ] {
-        let refusals = || async {
-            let (_, metrics) = cp.admin_get("/metrics").await;
-            metric_sum(
-                &metrics,
-                "outrigger_cp_certificates_refused_total",
-                &[("reason", reason)],
-            )
-        };
-        let before = refusals().await;
-        let web = sidecar(&cp, "shop/web", token)
-            .no_wait_ready()
-            .start()
-            .await;
-        eventually(&format!("a {case} token to be refused"), || async {
-            refusals().await > before
-        })
-        .await;
-        let (status, body) = web.admin_get("/ready").await;
-        assert_eq!(status, 503, "{case}: {body}");
-        assert!(body.contains("no certificate"), "{case}: {body}");
-        assert!(web.config().await["identity"].is_null());
+        let status = certify(token, id).await.unwrap_err();
+        assert_eq!(status.code(), code, "{case}: {status:?}");
+    }
+    let issued = certify(&good, WEB_ID).await.unwrap().into_inner();
+    assert!(issued.certificate_chain_pem.contains("BEGIN CERTIFICATE"));
+    let (_, metrics) = cp.admin_get("/metrics").await;
+    for reason in ["bad_token", "wrong_identity"] {
+        let refused = metric_sum(
+            &metrics,
+            "outrigger_cp_certificates_refused_total",
+            &[("reason", reason)],
+        );
+        assert!(refused >= 1.0, "{reason}");
     }
     assert!(cp.logs().contains("was revoked"));
+
+    // A sidecar with a bad token gets neither policy nor certificate.
+    let garbage = dir.path().join("garbage.token");
+    std::fs::write(&garbage, "ort1.nope.shop/web.99999999999.00").unwrap();
+    let web = sidecar(&cp, "shop/web", &garbage)
+        .no_wait_ready()
+        .start()
+        .await;
+    web.wait_for_log("the control plane refused the policy stream")
+        .await;
+    let (status, _) = web.admin_get("/ready").await;
+    assert_eq!(status, 503);
+    assert!(web.config().await["identity"].is_null());
+}
+
+#[tokio::test]
+async fn a_control_plane_that_requires_tokens_serves_only_sidecars_with_their_own() {
+    let m = start(&["--require-tokens"]).await;
+    for p in m.cp.proxies().await {
+        assert_eq!(p["authenticated"], true, "{p}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // No token: refused. Another workload's token: refused.
+    let anonymous = ProxyBuilder::with_control_plane(&m.cp.grpc_url(), "shop/web")
+        .arg("--proxy-id")
+        .arg("anonymous")
+        .no_wait_ready()
+        .start()
+        .await;
+    let foreign = token_file(&m.cp, "shop/api", dir.path());
+    let impostor = ProxyBuilder::with_control_plane(&m.cp.grpc_url(), "shop/web")
+        .arg("--proxy-id")
+        .arg("impostor")
+        .arg("--token-file")
+        .arg(foreign.to_str().unwrap())
+        .no_wait_ready()
+        .start()
+        .await;
+    anonymous.wait_for_log("requires a bootstrap token").await;
+    impostor
+        .wait_for_log("the token is for workload shop/api, not shop/web")
+        .await;
+    for refused in [&anonymous, &impostor] {
+        assert_eq!(refused.admin_get("/ready").await.0, 503);
+    }
+    let ids: Vec<String> =
+        m.cp.proxies()
+            .await
+            .iter()
+            .map(|p| p["proxyId"].as_str().unwrap_or("").to_string())
+            .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
 }
 
 #[tokio::test]

@@ -683,6 +683,7 @@ fn proxy_json(p: &ProxyRecord, expected: Option<String>) -> Value {
         "address": p.peer.to_string(),
         "inbound": endpoints,
         "proxyVersion": p.proxy_version,
+        "authenticated": p.authenticated,
         "status": status,
         "connectedSince": timefmt::rfc3339(p.connected_since),
         "disconnectedAt": p.disconnected_at.map(timefmt::rfc3339),

@@ -21,17 +21,38 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::certify::Authority;
 use crate::hub::{ConnId, Hub, Nack, ProxyRecord};
+
+/// The token in `authorization: Bearer <token>`, if any.
+fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
 
 pub struct Discovery {
     hub: Arc<Hub>,
+    authority: Arc<Authority>,
+    /// Refuse streams without a valid bootstrap token.
+    require_tokens: bool,
 }
 
-pub fn service(hub: Arc<Hub>) -> PolicyDiscoveryServer<Discovery> {
-    PolicyDiscoveryServer::new(Discovery { hub })
-        // Snapshots of big meshes can be large; the default 4 MiB is low.
-        .max_encoding_message_size(64 * 1024 * 1024)
-        .max_decoding_message_size(4 * 1024 * 1024)
+pub fn service(
+    hub: Arc<Hub>,
+    authority: Arc<Authority>,
+    require_tokens: bool,
+) -> PolicyDiscoveryServer<Discovery> {
+    PolicyDiscoveryServer::new(Discovery {
+        hub,
+        authority,
+        require_tokens,
+    })
+    // Snapshots of big meshes can be large; the default 4 MiB is low.
+    .max_encoding_message_size(64 * 1024 * 1024)
+    .max_decoding_message_size(4 * 1024 * 1024)
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotMsg, Status>> + Send>>;
@@ -47,12 +68,38 @@ impl PolicyDiscovery for Discovery {
         let peer = request
             .remote_addr()
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let token = bearer(request.metadata());
         let mut requests = request.into_inner();
         let first = requests
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the stream ended before its first request"))?;
-        let record = record_from(&first, peer)?;
+        let mut record = record_from(&first, peer)?;
+        // A token must be this workload's; without one, the stream is
+        // served only when the server allows unauthenticated sidecars.
+        match token {
+            Some(token) => {
+                let workload = self.authority.tokens.verify(&token).map_err(|e| {
+                    tracing::warn!(%peer, proxy = %record.proxy_id, error = %e, "policy stream refused");
+                    Status::unauthenticated(e.to_string())
+                })?;
+                if workload != record.workload {
+                    tracing::warn!(%peer, proxy = %record.proxy_id, claimed = %record.workload, token_for = %workload, "policy stream refused: token for another workload");
+                    return Err(Status::permission_denied(format!(
+                        "the token is for workload {workload}, not {}",
+                        record.workload
+                    )));
+                }
+                record.authenticated = true;
+            }
+            None if self.require_tokens => {
+                tracing::warn!(%peer, proxy = %record.proxy_id, "policy stream refused: no token");
+                return Err(Status::unauthenticated(
+                    "this control plane requires a bootstrap token (--token-file)",
+                ));
+            }
+            None => {}
+        }
         let running = first.version_info.clone();
         tracing::info!(proxy = %record.proxy_id, workload = %record.workload, %peer, version = %running, "sidecar connected");
 

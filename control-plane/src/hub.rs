@@ -152,6 +152,8 @@ pub struct ProxyRecord {
     pub peer: SocketAddr,
     /// Where its inbound listeners are reached.
     pub advertise_ip: IpAddr,
+    /// It showed a valid bootstrap token for its workload.
+    pub authenticated: bool,
     pub proxy_version: String,
     pub connected_since: SystemTime,
     /// Set when the stream ended; its endpoints stay for the grace period.
@@ -189,6 +191,7 @@ impl ProxyRecord {
             workload,
             peer,
             advertise_ip,
+            authenticated: false,
             proxy_version,
             connected_since: SystemTime::now(),
             disconnected_at: None,
@@ -241,6 +244,8 @@ struct SavedRegistration {
     workload: String,
     advertise_ip: IpAddr,
     inbound: Vec<(String, u16)>,
+    #[serde(default)]
+    authenticated: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -336,6 +341,7 @@ impl Hub {
                     String::new(),
                 );
                 record.inbound = s.inbound;
+                record.authenticated = s.authenticated;
                 record.disconnected_at = Some(SystemTime::now());
                 let id = registry.next;
                 registry.next += 1;
@@ -363,6 +369,7 @@ impl Hub {
                 workload: p.workload.to_string(),
                 advertise_ip: p.advertise_ip,
                 inbound: p.inbound.clone(),
+                authenticated: p.authenticated,
             })
             .collect();
         // Written to a temporary name and renamed: a crash leaves the old

@@ -208,6 +208,11 @@ struct ServeArgs {
     /// about half of it.
     #[arg(long, env = "OUTRIGGER_CERT_TTL", default_value = "24h", value_parser = positive_duration)]
     cert_ttl: Duration,
+    /// Refuse policy streams from sidecars without a valid bootstrap token
+    /// for their workload (otherwise they are served, with a warning, so a
+    /// mesh can move to tokens sidecar by sidecar).
+    #[arg(long, env = "OUTRIGGER_REQUIRE_TOKENS")]
+    require_tokens: bool,
     /// Log filter, e.g. info or outrigger=debug.
     #[arg(long, env = "OUTRIGGER_LOG", default_value = "info")]
     log: String,
@@ -356,6 +361,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             trust_bundle: args.trust_bundle,
         },
         cert_ttl: args.cert_ttl,
+        require_tokens: args.require_tokens,
     })
     .await?;
     // One machine-readable line on stdout: scripts and tests learn the

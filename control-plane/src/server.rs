@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub ca: CaOptions,
     /// How long the workload certificates it signs live.
     pub cert_ttl: Duration,
+    /// Refuse policy streams without a valid bootstrap token.
+    pub require_tokens: bool,
 }
 
 /// The policy store and its current state; all writes go through here.
@@ -297,14 +299,23 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
     let (grpc_addr, api_addr, admin_addr) =
         (grpc.local_addr()?, api.local_addr()?, admin.local_addr()?);
 
-    let hub = control_plane.hub.clone();
+    let discovery = discovery::service(
+        control_plane.hub.clone(),
+        control_plane.authority.clone(),
+        options.require_tokens,
+    );
+    if !options.require_tokens {
+        tracing::warn!(
+            "sidecars without a bootstrap token may stream policy and register endpoints; set --require-tokens once every sidecar has one"
+        );
+    }
     let certify = certify::service(control_plane.clone());
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(discovery::service(hub))
+            .add_service(discovery)
             .add_service(certify)
             .serve_with_incoming(incoming)
             .await;

@@ -93,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             proxy_id: args.proxy_id.clone().unwrap_or_else(default_proxy_id),
             advertise_ip: args.advertise_ip,
             state_dir: args.state_dir.clone(),
+            token_file: args.token_file.clone(),
         };
         tokio::spawn(policy_client::run(client, running.clone()));
         if let (Some(token_file), Some(identity)) = (&args.token_file, running.state.identity()) {

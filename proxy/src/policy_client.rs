@@ -41,6 +41,9 @@ pub struct PolicyClientOptions {
     pub advertise_ip: Option<IpAddr>,
     /// Where the last good snapshot is saved; `None`: not saved.
     pub state_dir: Option<PathBuf>,
+    /// The bootstrap token, shown on the stream too (the control plane
+    /// may require it).
+    pub token_file: Option<PathBuf>,
 }
 
 /// What is saved on disk: enough to apply it again without the control
@@ -181,8 +184,18 @@ async fn session(
     })
     .await
     .context("policy stream closed")?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(path) = &options.token_file {
+        // Read at every connect, so a replaced token takes effect.
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read token file {}", path.display()))?;
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .context("the token file holds characters a header cannot carry")?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let mut snapshots = client
-        .stream_policy(ReceiverStream::new(rx))
+        .stream_policy(request)
         .await
         .context("the control plane refused the policy stream")?
         .into_inner();
