@@ -132,6 +132,9 @@ where
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
         headers.remove(CLIENT_ID_HEADER);
+        // Only a sidecar may mark a request as carried over HTTP/2; on the
+        // inbound side the mark is consumed before this layer.
+        headers.remove(crate::orig_proto::ORIG_PROTO);
         if let Some(ip) = client {
             append_forwarded(headers, ip);
         }

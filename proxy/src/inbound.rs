@@ -2,7 +2,7 @@
 //! to the local app.
 //!
 //! ```text
-//! metrics → error responses → header hygiene → forward to 127.0.0.1:<app port>
+//! metrics → error responses → HTTP/1.1 back from HTTP/2 → header hygiene → forward to 127.0.0.1:<app port>
 //! ```
 //!
 //! Authorization (after the transport has verified the peer's identity)
@@ -18,6 +18,7 @@ use crate::forward::{Forward, SharedDestination};
 use crate::headers::HeadersLayer;
 use crate::http::server::HttpService;
 use crate::metrics::{MetricsLayer, RequestMetrics};
+use crate::orig_proto::DowngradeLayer;
 use crate::transport::ClientTransport;
 
 /// The HTTP stack for one inbound listener; `app` has the one endpoint
@@ -26,6 +27,7 @@ pub fn http_stack<T: ClientTransport>(name: Arc<str>, app: SharedDestination<T>)
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(RequestMetrics::new("inbound", &name)))
         .layer(ErrorResponseLayer)
+        .layer(DowngradeLayer)
         .layer(HeadersLayer)
         .service(Forward::new(app));
     BoxCloneSyncService::new(stack)

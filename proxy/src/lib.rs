@@ -30,6 +30,7 @@ pub mod identity_client;
 pub mod inbound;
 pub mod listener;
 pub mod metrics;
+pub mod orig_proto;
 pub mod outbound;
 pub mod policy_client;
 pub mod state;

@@ -49,6 +49,12 @@ pub trait ServerTransport: Clone + Send + Sync + 'static {
 pub trait ClientTransport: Clone + Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
+    /// Whether the far end is a sidecar that takes HTTP/1.1 requests
+    /// carried over HTTP/2 (see `orig_proto`).
+    fn multiplexes_http1(&self) -> bool {
+        false
+    }
+
     /// `alpn` says what the connection will carry, for transports that
     /// negotiate it.
     fn connect(
@@ -177,6 +183,13 @@ pub enum ClientSide {
 
 impl ClientTransport for ClientSide {
     type Io = MeshIo;
+
+    /// Over mTLS the far end is a sidecar: one HTTP/2 connection carries
+    /// every HTTP/1.1 request, instead of a TLS connection per request in
+    /// flight.
+    fn multiplexes_http1(&self) -> bool {
+        matches!(self, ClientSide::Tls(_))
+    }
 
     async fn connect(&self, addr: SocketAddr, timeout: Duration, alpn: Alpn) -> io::Result<MeshIo> {
         let configs = match self {

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::ProxyBody;
+use crate::orig_proto;
 use crate::tls::Alpn;
 use crate::transport::ClientTransport;
 
@@ -113,6 +114,7 @@ impl<T: ClientTransport> EndpointClient<T> {
         &self,
         mut req: Request<ProxyBody>,
     ) -> impl Future<Output = Result<Response<Incoming>, SendError>> + Send + 'static {
+        let carried = self.transport.multiplexes_http1() && orig_proto::upgrade(&mut req);
         let is_h2 = req.version() == Version::HTTP_2;
         let authority = if is_h2 {
             // HTTP/2 carries the authority in the URI (:authority); keep the
@@ -154,13 +156,18 @@ impl<T: ClientTransport> EndpointClient<T> {
             ))),
         };
         async move {
-            fut?.await.map_err(|e| {
+            let mut rsp = fut?.await.map_err(|e| {
                 if e.is_connect() {
                     SendError::Connect(error_chain(&e))
                 } else {
                     SendError::Upstream(error_chain(&e))
                 }
-            })
+            })?;
+            if carried {
+                // The app asked in HTTP/1.1 and gets its answer so.
+                *rsp.version_mut() = Version::HTTP_11;
+            }
+            Ok(rsp)
         }
     }
 }
