@@ -213,6 +213,97 @@ impl Drop for TcpEcho {
     }
 }
 
+/// An HTTP/1.1 server that accepts any `Upgrade` (as a WebSocket server
+/// would) with `101 Switching Protocols`, then echoes every byte.
+pub struct UpgradeEcho {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UpgradeEcho {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                            let Some(protocol) = req.headers().get(http::header::UPGRADE).cloned()
+                            else {
+                                let mut rsp = Response::new(full("upgrade required"));
+                                *rsp.status_mut() = StatusCode::UPGRADE_REQUIRED;
+                                return Ok::<_, Infallible>(rsp);
+                            };
+                            let on_upgrade = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(upgraded) = on_upgrade.await {
+                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let mut rsp = Response::new(full(""));
+                            *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            rsp.headers_mut().insert(http::header::UPGRADE, protocol);
+                            rsp.headers_mut().insert(
+                                http::header::CONNECTION,
+                                http::HeaderValue::from_static("upgrade"),
+                            );
+                            Ok(rsp)
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for UpgradeEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Asks `addr` to upgrade to `protocol` over a fresh connection, then
+/// sends `message` on the upgraded connection and returns the `101` head
+/// and what came back (bounded in time).
+pub async fn upgrade_roundtrip(
+    addr: SocketAddr,
+    protocol: &str,
+    message: &[u8],
+) -> (String, Vec<u8>) {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "GET /chat HTTP/1.1\r\nHost: chat\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.expect("read head") == 0 {
+                break;
+            }
+            answer.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&answer).into_owned();
+        if !head.starts_with("HTTP/1.1 101") {
+            return (head, Vec::new());
+        }
+        stream.write_all(message).await.expect("write message");
+        let mut echoed = vec![0u8; message.len()];
+        stream.read_exact(&mut echoed).await.expect("read echo");
+        (head, echoed)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("upgrade round trip in time")
+}
+
 /// An address where nothing listens (bound, then released).
 pub async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -331,3 +331,21 @@ async fn an_http10_upstream_is_answered_as_http11() {
         assert_eq!(read_body(rsp).await.expect("body"), "old app");
     }
 }
+
+#[tokio::test]
+async fn websocket_style_upgrades_cross_both_sidecars_in_plaintext() {
+    let app = outrigger_e2e::upstream::UpgradeEcho::start().await;
+    let mesh = Pair::start(app.addr, "http", "").await;
+    let (head, echoed) =
+        outrigger_e2e::upstream::upgrade_roundtrip(mesh.outbound, "websocket", b"ping").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(echoed, b"ping");
+    // A plain request right after still works on the same sidecars.
+    let (status, _) = clients::http1_get(mesh.outbound, "/")
+        .await
+        .expect("plain GET");
+    assert_eq!(
+        status, 426,
+        "the app answers Upgrade Required to a plain GET"
+    );
+}

@@ -357,3 +357,25 @@ async fn http11_requests_share_one_multiplexed_connection_between_sidecars() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn websocket_style_upgrades_cross_both_sidecars() {
+    let app = outrigger_e2e::upstream::UpgradeEcho::start().await;
+    let Mesh {
+        _dir,
+        api: _api,
+        web,
+    } = mesh(app.addr.port(), "http", "api").await;
+    let (head, echoed) = outrigger_e2e::upstream::upgrade_roundtrip(
+        web.listener("outbound/shop/api"),
+        "websocket",
+        b"hello over an upgraded mTLS hop",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    assert_eq!(echoed, b"hello over an upgraded mTLS hop");
+}

@@ -116,10 +116,11 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Holding the Arc (not a guard) keeps this request on the
         // destination it started with, however long it runs.
         let dest = self.destination.load_full();
+        let downstream_upgrade = crate::upgrade::take_downstream(&mut req);
         Box::pin(async move {
             let Some(endpoint) = dest.endpoints.pick() else {
                 return Err(ProxyError::NoEndpoints {
@@ -133,7 +134,7 @@ where
                 .map_err(|e| ProxyError::ClientBody {
                     reason: e.to_string(),
                 })?;
-            let rsp = match endpoint.send(Request::from_parts(parts, body)).await {
+            let mut rsp = match endpoint.send(Request::from_parts(parts, body)).await {
                 Ok(rsp) => rsp,
                 Err(SendError::Connect(reason)) => {
                     return Err(ProxyError::Connect {
@@ -151,6 +152,7 @@ where
                     .into());
                 }
             };
+            crate::upgrade::splice(downstream_upgrade, &mut rsp);
             let (mut parts, body) = rsp.into_parts();
             // We answer as an HTTP/1.1 server whatever version the upstream
             // spoke; echoing "HTTP/1.0" would make clients drop their

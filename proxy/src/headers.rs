@@ -129,8 +129,12 @@ where
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let client = req.extensions().get::<ClientAddr>().map(|c| c.0.ip());
+        let upgrade = crate::upgrade::requested(req.headers());
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        if let Some(protocol) = upgrade {
+            crate::upgrade::restore(headers, protocol);
+        }
         headers.remove(CLIENT_ID_HEADER);
         // Only a sidecar may mark a request as carried over HTTP/2; on the
         // inbound side the mark is consumed before this layer.
@@ -148,7 +152,12 @@ where
 }
 
 fn strip_response<B>(mut rsp: Response<B>) -> Response<B> {
+    let switching = rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let protocol = rsp.headers().get(header::UPGRADE).cloned();
     strip_hop_by_hop(rsp.headers_mut());
+    if let (true, Some(protocol)) = (switching, protocol) {
+        crate::upgrade::restore(rsp.headers_mut(), protocol);
+    }
     rsp
 }
 

@@ -38,6 +38,7 @@ pub mod tcp;
 pub mod timeout;
 pub mod tls;
 pub mod transport;
+pub mod upgrade;
 
 /// The error type that crosses tower service boundaries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -131,7 +131,10 @@ async fn serve_inner<IO>(
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
             .max_header_size(settings.max_header_bytes);
-        drive_gracefully!(builder.serve_connection(io, hyper_service), drain)
+        drive_gracefully!(
+            builder.serve_connection(io, hyper_service).with_upgrades(),
+            drain
+        )
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection closed with an error");
