@@ -1,4 +1,5 @@
-//! Quick check, sidecar pair vs direct, in one run:
+//! Quick check, sidecar pair (plaintext and mTLS between the sidecars) vs
+//! direct, in one run:
 //! `cargo build --release && cargo bench --bench pair`
 //!
 //! The same harness as the full suite (`harness/bench/`, pinned, interleaved,
@@ -44,7 +45,11 @@ fn main() {
     };
     let options = Options {
         upstream_bin: PathBuf::from(env!("CARGO_BIN_EXE_outrigger-bench-upstream")),
-        paths: vec![PathKind::Direct, PathKind::Outrigger],
+        paths: vec![
+            PathKind::Direct,
+            PathKind::Outrigger,
+            PathKind::OutriggerMtls,
+        ],
         repetitions: 3,
         warmup: Duration::from_millis(500),
         pin: true,

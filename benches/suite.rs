@@ -1,6 +1,7 @@
 //! The full side-by-side suite:
 //! `bash benches/install-peers.sh --with-oha --with-pingora && cargo build --release && cargo bench --bench suite`
 //! Writes `benches/results/latest.md` and `latest.json`. See docs/BENCHMARKS.md.
+//! `-- quick` for one repetition of 2-second runs; `reps=N`, `only=TEXT`.
 
 use std::path::PathBuf;
 
@@ -17,10 +18,22 @@ fn main() {
     let upstream = PathBuf::from(env!("CARGO_BIN_EXE_outrigger-bench-upstream"));
     let mut options = Options::full(upstream, out);
     // `cargo bench --bench suite -- quick`: one repetition, short runs.
-    if std::env::args().any(|a| a == "quick") {
+    // `reps=N` sets the repetitions (after `quick` too); `only=TEXT` keeps
+    // the scenarios whose name contains TEXT (and skips the memory pass).
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "quick") {
         options.repetitions = 1;
         for s in &mut options.scenarios {
             s.load.duration = std::time::Duration::from_secs(2);
+        }
+    }
+    for arg in &args {
+        if let Some(n) = arg.strip_prefix("reps=").and_then(|n| n.parse().ok()) {
+            options.repetitions = n;
+        }
+        if let Some(text) = arg.strip_prefix("only=") {
+            options.scenarios.retain(|s| s.name.contains(text));
+            options.memory = false;
         }
     }
     if let Err(e) = runtime.block_on(bench::run(&options)) {

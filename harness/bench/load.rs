@@ -56,6 +56,11 @@ pub enum Mode {
     Closed,
     /// A fixed total rate in requests per second (latency).
     Fixed(u64),
+    /// Closed loop with one request per new TCP connection from the client
+    /// (`Connection: close`), so the path's hops make new connections too
+    /// (see `peers`): requests per second are new connections per second.
+    /// Built-in client only, HTTP/1.1 only.
+    NewConnections,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -103,6 +108,7 @@ impl Outcome {
 /// smoke run), else the built-in client.
 pub fn tool_for(load: &Load, builtin_only: bool) -> &'static str {
     let wanted = match (load.mode, load.proto) {
+        (Mode::NewConnections, _) => return "builtin",
         (Mode::Fixed(_), _) => "oha",
         (Mode::Closed, Proto::H1) => "wrk",
         (Mode::Closed, Proto::H2) => "h2load",
@@ -441,7 +447,9 @@ fn parse_oha(text: &str) -> anyhow::Result<Outcome> {
 }
 
 /// The built-in client: hyper over `connections` connections, closed loop
-/// or paced; every request checked for a 2xx and a full body.
+/// or paced; every request checked for a 2xx and a full body. For
+/// [`Mode::NewConnections`], `connections` loops that each connect, send
+/// one request and read the answer to the end.
 async fn builtin(addr: SocketAddr, load: &Load) -> anyhow::Result<Outcome> {
     let start = Instant::now();
     let deadline = start + load.duration;
@@ -449,13 +457,17 @@ async fn builtin(addr: SocketAddr, load: &Load) -> anyhow::Result<Outcome> {
         Mode::Fixed(rps) => Some(Duration::from_secs_f64(
             load.connections as f64 / rps.max(1) as f64,
         )),
-        Mode::Closed => None,
+        Mode::Closed | Mode::NewConnections => None,
     };
     let mut tasks = Vec::new();
     for _ in 0..load.connections {
         let load = *load;
         tasks.push(tokio::spawn(async move {
-            builtin_connection(addr, load, deadline, interval).await
+            if load.mode == Mode::NewConnections {
+                builtin_new_connections(addr, load, deadline).await
+            } else {
+                builtin_connection(addr, load, deadline, interval).await
+            }
         }));
     }
     let mut latencies = Vec::new();
@@ -488,6 +500,65 @@ async fn builtin(addr: SocketAddr, load: &Load) -> anyhow::Result<Outcome> {
         mean_us: None,
         tool_cpu: Duration::ZERO,
     })
+}
+
+/// One loop of [`Mode::NewConnections`]: connect, one GET with
+/// `Connection: close`, read until the path closes, check for a 200;
+/// bounded by the deadline and a count. The latency recorded is from the
+/// connect to the end of the answer.
+async fn builtin_new_connections(
+    addr: SocketAddr,
+    load: Load,
+    deadline: Instant,
+) -> anyhow::Result<(Vec<Duration>, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+        load.request.path()
+    );
+    let mut latencies = Vec::new();
+    let mut errors = 0u64;
+    let mut buf = Vec::with_capacity(4096);
+    for _ in 0..1_000_000u64 {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let start = Instant::now();
+        buf.clear();
+        let exchange = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            stream.write_all(request.as_bytes()).await?;
+            stream.read_to_end(&mut buf).await?;
+            anyhow::Ok(())
+        };
+        let ok = match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+            Ok(Ok(())) if buf.starts_with(b"HTTP/1.1 200") => true,
+            Ok(Ok(())) => {
+                let head = String::from_utf8_lossy(&buf[..buf.len().min(80)]).into_owned();
+                eprintln!("builtin client: {addr}: new connection answered {head:?}");
+                false
+            }
+            Ok(Err(e)) => {
+                eprintln!("builtin client: {addr}: new connection: {e:#}");
+                false
+            }
+            Err(_) => {
+                eprintln!("builtin client: {addr}: new connection timed out");
+                false
+            }
+        };
+        if ok {
+            latencies.push(start.elapsed());
+        } else {
+            errors += 1;
+            // One failed connection does not end the loop, many do.
+            if errors >= 10 {
+                break;
+            }
+        }
+    }
+    Ok((latencies, errors))
 }
 
 async fn builtin_connection(

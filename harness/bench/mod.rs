@@ -1,6 +1,7 @@
 //! The side-by-side benchmark suite: the same load through a direct
-//! connection, the Outrigger sidecar pair, and nginx, HAProxy and pingora
-//! pairs, measured in one run and reported as ratios.
+//! connection, the Outrigger sidecar pair (plaintext and mutual TLS between
+//! the sidecars), and nginx, HAProxy (each also with mutual TLS between its
+//! hops) and pingora pairs, measured in one run and reported as ratios.
 //!
 //! `benches/suite.rs` runs it in full; `tests/bench_smoke.rs` runs a smoke
 //! version (a second per configuration, built-in client, whatever peers are
@@ -78,6 +79,18 @@ impl Options {
             },
             rate_of_max: fraction,
         };
+        let new_connections = |name: &str, secs| Scenario {
+            name: name.to_string(),
+            load: Load {
+                proto: Proto::H1,
+                request: Request::Small,
+                mode: Mode::NewConnections,
+                connections: 8,
+                streams: 1,
+                duration: Duration::from_secs(secs),
+            },
+            rate_of_max: None,
+        };
         Self {
             upstream_bin,
             paths: PathKind::ALL.to_vec(),
@@ -95,6 +108,7 @@ impl Options {
                 closed("h2c c4 m8 GET 100B", Proto::H2, Request::Small, 4, 8, 10),
                 fixed("h1 1000 rps GET 100B", 1000, None),
                 fixed("h1 50% of max GET 100B", 1000, Some(0.5)),
+                new_connections("new conn per req c8 GET 100B", 5),
             ],
             out_dir: Some(out_dir),
             memory: true,
@@ -126,6 +140,7 @@ impl Options {
                 scenario("smoke h1 closed", Proto::H1, Mode::Closed),
                 scenario("smoke h2c closed", Proto::H2, Mode::Closed),
                 scenario("smoke h1 200 rps", Proto::H1, Mode::Fixed(200)),
+                scenario("smoke h1 new conn per req", Proto::H1, Mode::NewConnections),
             ],
             out_dir: None,
             memory: false,
@@ -147,6 +162,8 @@ pub struct Run {
     pub noisy: bool,
     /// The rate actually asked for (fixed-rate scenarios).
     pub rate: Option<u64>,
+    /// One request per new connection ([`Mode::NewConnections`]).
+    pub new_connections: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -165,6 +182,8 @@ pub struct Results {
     pub started_unix: u64,
     pub machine: String,
     pub transport: &'static str,
+    /// The new-connection scenario: what opens a new connection per request.
+    pub new_connections: &'static str,
     pub skipped: Vec<(PathKind, String)>,
     pub runs: Vec<Run>,
     pub memory: Vec<Memory>,
@@ -221,6 +240,8 @@ pub fn pin_self_to_cpu0() {
 /// Runs the suite; prints progress as it goes.
 pub async fn run(options: &Options) -> anyhow::Result<Results> {
     let scratch = tempfile::tempdir()?;
+    // Fresh for every run, in the temp dir, gone with it.
+    let certs = peers::Certs::generate(scratch.path())?;
     let upstream = start_upstream(&options.upstream_bin, options.pin)?;
     let mut results = Results {
         started_unix: std::time::SystemTime::now()
@@ -228,7 +249,8 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         machine: machine_description(),
-        transport: "plaintext (mTLS not built yet)",
+        transport: TRANSPORT,
+        new_connections: NEW_CONNECTIONS,
         skipped: Vec::new(),
         runs: Vec::new(),
         memory: Vec::new(),
@@ -295,6 +317,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
                     &upstream,
                     options,
                     scratch.path(),
+                    &certs,
                 )
                 .await
                 .with_context(|| format!("{} through {}", scenario.name, kind.name()))?;
@@ -321,7 +344,8 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
     }
     if options.memory {
         for &kind in paths.iter().filter(|k| **k != PathKind::Direct) {
-            let memory = measure_memory(kind, upstream.addr, options, scratch.path()).await?;
+            let memory =
+                measure_memory(kind, upstream.addr, options, scratch.path(), &certs).await?;
             println!("  memory {}: {}", kind.name(), report::memory_line(&memory));
             results.memory.push(memory);
         }
@@ -333,6 +357,12 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
     Ok(results)
 }
 
+/// What the report says about the hops' transport.
+pub const TRANSPORT: &str = "plaintext for direct, outrigger, nginx, haproxy and pingora; mutual TLS (TLS 1.3, P-256 certificates from a test CA made at the start of the run, both sides verifying the chain) between the two hops of outrigger-mtls, nginx-mtls and haproxy-mtls. The load → first hop and last hop → upstream legs are plaintext everywhere";
+
+/// What the report says about the new-connection scenario.
+pub const NEW_CONNECTIONS: &str = "the built-in client opens a new TCP connection for every request (`Connection: close`, read to the end); req/s there is new connections per second, proxy CPU is per 1,000 connections, latency is connect to last byte. Every hop makes a new connection (and, in the -mtls paths, a new TLS handshake between the hops) per client connection: the Outrigger pairs run as opaque TCP (`protocol: tcp`) and HAProxy in `mode tcp` for it, nginx as an HTTP proxy without its keep-alive upstream pool (nginx-light has no stream module). pingora-peer keeps its upstream pool, so only its client leg is new. TLS session resumption is left at each proxy's default";
+
 #[allow(clippy::too_many_arguments)]
 async fn measure(
     kind: PathKind,
@@ -343,8 +373,15 @@ async fn measure(
     upstream: &Upstream,
     options: &Options,
     scratch: &std::path::Path,
+    certs: &peers::Certs,
 ) -> anyhow::Result<Run> {
-    let path = peers::start(kind, upstream.addr, load.proto, options.pin).await?;
+    let setup = peers::Setup {
+        proto: load.proto,
+        mode: load.mode,
+        pin: options.pin,
+        certs,
+    };
+    let path = peers::start(kind, upstream.addr, setup).await?;
     let upstream_pid = [upstream.child.id()];
     // Warm up: connections made, pools filled, caches hot.
     let warm = Load {
@@ -385,8 +422,9 @@ async fn measure(
         noisy: other_cores > 0.2,
         rate: match load.mode {
             Mode::Fixed(r) => Some(r),
-            Mode::Closed => None,
+            Mode::Closed | Mode::NewConnections => None,
         },
+        new_connections: load.mode == Mode::NewConnections,
         outcome,
     })
 }
@@ -397,8 +435,15 @@ async fn measure_memory(
     upstream: SocketAddr,
     options: &Options,
     scratch: &std::path::Path,
+    certs: &peers::Certs,
 ) -> anyhow::Result<Memory> {
-    let path = peers::start(kind, upstream, Proto::H1, options.pin).await?;
+    let setup = peers::Setup {
+        proto: Proto::H1,
+        mode: Mode::Closed,
+        pin: options.pin,
+        certs,
+    };
+    let path = peers::start(kind, upstream, setup).await?;
     let rss = |pids: &[u32]| -> (u64, u64) {
         pids.iter()
             .map(|p| sys::memory_kib(*p))

@@ -8,6 +8,17 @@
 //! pingora:   load → pingora-peer → pingora-peer → upstream
 //! ```
 //!
+//! The `-mtls` variants of the outrigger, nginx and haproxy paths run
+//! mutual TLS between their two hops (the load → first hop and last hop →
+//! upstream legs stay plaintext, as an app and its sidecar talk), with
+//! certificates from one test CA made at the start of the run ([`Certs`]).
+//!
+//! For the new-connection-per-request scenario ([`Mode::NewConnections`])
+//! every client connection must become a new connection on every hop:
+//! the Outrigger pairs run as opaque TCP (`protocol: tcp`), HAProxy in
+//! `mode tcp`, and nginx (no stream module in nginx-light) as an HTTP
+//! proxy without its keep-alive upstream pool.
+//!
 //! Every proxy runs one worker thread, pinned to CPU 1 beside the upstream
 //! when pinning is on (a sidecar shares its pod's core).
 
@@ -19,8 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::load::Proto;
+use super::load::{Mode, Proto};
 use super::sys;
+use crate::certs::{IdentityFiles, Leaf, TestCa};
 use crate::{Pair, ProxyBuilder};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -28,17 +40,26 @@ use crate::{Pair, ProxyBuilder};
 pub enum PathKind {
     Direct,
     Outrigger,
+    #[serde(rename = "outrigger-mtls")]
+    OutriggerMtls,
     Nginx,
+    #[serde(rename = "nginx-mtls")]
+    NginxMtls,
     Haproxy,
+    #[serde(rename = "haproxy-mtls")]
+    HaproxyMtls,
     Pingora,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 8] = [
         PathKind::Direct,
         PathKind::Outrigger,
+        PathKind::OutriggerMtls,
         PathKind::Nginx,
+        PathKind::NginxMtls,
         PathKind::Haproxy,
+        PathKind::HaproxyMtls,
         PathKind::Pingora,
     ];
 
@@ -46,19 +67,40 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct",
             PathKind::Outrigger => "outrigger",
+            PathKind::OutriggerMtls => "outrigger-mtls",
             PathKind::Nginx => "nginx",
+            PathKind::NginxMtls => "nginx-mtls",
             PathKind::Haproxy => "haproxy",
+            PathKind::HaproxyMtls => "haproxy-mtls",
             PathKind::Pingora => "pingora",
+        }
+    }
+
+    /// Whether the two hops talk mutual TLS.
+    pub fn mtls(self) -> bool {
+        matches!(
+            self,
+            PathKind::OutriggerMtls | PathKind::NginxMtls | PathKind::HaproxyMtls
+        )
+    }
+
+    /// The same path with plaintext between the hops (itself if it is).
+    pub fn plaintext(self) -> PathKind {
+        match self {
+            PathKind::OutriggerMtls => PathKind::Outrigger,
+            PathKind::NginxMtls => PathKind::Nginx,
+            PathKind::HaproxyMtls => PathKind::Haproxy,
+            other => other,
         }
     }
 
     /// `Err(how to get it)` when the peer is not on this machine.
     pub fn available(self) -> Result<(), String> {
         match self {
-            PathKind::Direct | PathKind::Outrigger => Ok(()),
-            PathKind::Nginx if sys::have("nginx") => Ok(()),
-            PathKind::Haproxy if sys::have("haproxy") => Ok(()),
-            PathKind::Nginx | PathKind::Haproxy => Err(
+            PathKind::Direct | PathKind::Outrigger | PathKind::OutriggerMtls => Ok(()),
+            PathKind::Nginx | PathKind::NginxMtls if sys::have("nginx") => Ok(()),
+            PathKind::Haproxy | PathKind::HaproxyMtls if sys::have("haproxy") => Ok(()),
+            PathKind::Nginx | PathKind::NginxMtls | PathKind::Haproxy | PathKind::HaproxyMtls => Err(
                 "missing; install with: bash benches/install-peers.sh (apt-get install nginx-light haproxy wrk nghttp2-client)"
                     .to_string(),
             ),
@@ -72,6 +114,10 @@ impl PathKind {
 
     /// Whether the path can carry HTTP/2 from the client all the way.
     pub fn h2_note(self) -> Option<&'static str> {
+        if self.mtls() {
+            // Said once, for the plaintext path.
+            return None;
+        }
         match self {
             PathKind::Nginx => Some(
                 "nginx proxies to upstreams over HTTP/1.1 only: h2c in, HTTP/1.1 between the hops",
@@ -87,6 +133,63 @@ impl PathKind {
     pub fn supports(self, proto: Proto) -> bool {
         !(self == PathKind::Pingora && proto == Proto::H2)
     }
+}
+
+/// The SPIFFE IDs of the two sides of the Outrigger pair (workloads
+/// shop/api and shop/web, service accounts defaulting to their names).
+pub const API_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
+pub const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+/// Certificates for the `-mtls` paths, made at the start of a run into a
+/// temp dir (never committed): one test CA (P-256), an SVID for the
+/// inbound side (`API_ID`) and one for the outbound side (`WEB_ID`). The
+/// nginx and HAProxy pairs use the same files: the in hop serves the api
+/// certificate and requires a client certificate from the CA, the out
+/// hop presents the web certificate and verifies the in hop's chain.
+pub struct Certs {
+    pub api: IdentityFiles,
+    pub web: IdentityFiles,
+    /// Certificate then key, one file, for HAProxy's `crt`.
+    pub api_pem: PathBuf,
+    pub web_pem: PathBuf,
+    /// The CA certificate.
+    pub ca: PathBuf,
+}
+
+impl Certs {
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        let ca = TestCa::new("outrigger bench root");
+        let api = ca.write(dir, "api", Leaf::Spiffe(API_ID));
+        let web = ca.write(dir, "web", Leaf::Spiffe(WEB_ID));
+        let combined = |files: &IdentityFiles, name: &str| -> anyhow::Result<PathBuf> {
+            let path = dir.join(name);
+            let mut pem = std::fs::read_to_string(&files.cert)?;
+            pem.push_str(&std::fs::read_to_string(&files.key)?);
+            std::fs::write(&path, pem)?;
+            Ok(path)
+        };
+        Ok(Self {
+            api_pem: combined(&api, "api.pem")?,
+            web_pem: combined(&web, "web.pem")?,
+            ca: api.bundle.clone(),
+            api,
+            web,
+        })
+    }
+}
+
+/// The Outrigger client side: workload shop/web calling shop/api at
+/// `inbound`; with `identity`, over mTLS to a server that must be it.
+fn outrigger_client_config(inbound: SocketAddr, protocol: &str, identity: Option<&str>) -> String {
+    let identity = identity
+        .map(|id| format!("  identity: {id}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: outrigger.io/v1alpha1\nkind: Workload\nmetadata: {{name: web, namespace: shop}}\n\
+         spec:\n  inbound: [{{name: main, port: 0, appPort: 9}}]\n  outbound: [{{port: 0, service: api}}]\n---\n\
+         apiVersion: outrigger.io/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
+         spec:\n  protocol: {protocol}\n{identity}  endpoints: [{{address: '{inbound}'}}]\n"
+    )
 }
 
 fn repo_root() -> PathBuf {
@@ -144,12 +247,28 @@ fn pinned(pin: bool, program: &str) -> Command {
     }
 }
 
+/// How a path is started for one scenario.
+#[derive(Clone, Copy)]
+pub struct Setup<'a> {
+    pub proto: Proto,
+    pub mode: Mode,
+    pub pin: bool,
+    pub certs: &'a Certs,
+}
+
 pub async fn start(
     kind: PathKind,
     upstream: SocketAddr,
-    proto: Proto,
-    pin: bool,
+    setup: Setup<'_>,
 ) -> anyhow::Result<RunningPath> {
+    let Setup {
+        proto,
+        mode,
+        pin,
+        certs,
+    } = setup;
+    // Every client connection a new connection on every hop.
+    let per_connection = mode == Mode::NewConnections;
     let dir = tempfile::tempdir()?;
     let mut path = RunningPath {
         kind,
@@ -161,7 +280,7 @@ pub async fn start(
     };
     match kind {
         PathKind::Direct => {}
-        PathKind::Outrigger => {
+        PathKind::Outrigger | PathKind::OutriggerMtls => {
             let adjust = |b: ProxyBuilder| {
                 let b = b.arg("--log").arg("warn");
                 if pin {
@@ -170,18 +289,89 @@ pub async fn start(
                     b
                 }
             };
-            let pair = Pair::start_custom(upstream, "http", "", adjust, adjust).await;
-            path.entry = pair.outbound;
-            path.proxy_pids = vec![pair.client.pid(), pair.server.pid()];
-            path._pair = Some(pair);
+            let protocol = if per_connection { "tcp" } else { "http" };
+            let mtls = kind.mtls();
+            let mut server = adjust(ProxyBuilder::new(
+                crate::mesh::server_config(upstream.port(), protocol),
+                "shop/api",
+            ));
+            if mtls {
+                server = server.tls(&certs.api);
+            }
+            let server = server.start().await;
+            let inbound = server.listener("inbound/main");
+            let mut client = adjust(ProxyBuilder::new(
+                outrigger_client_config(inbound, protocol, mtls.then_some(API_ID)),
+                "shop/web",
+            ));
+            if mtls {
+                client = client.tls(&certs.web);
+            }
+            let client = client.start().await;
+            let outbound = client.listener("outbound/shop/api");
+            path.entry = outbound;
+            path.proxy_pids = vec![client.pid(), server.pid()];
+            path._pair = Some(Pair {
+                server,
+                client,
+                outbound,
+            });
         }
-        PathKind::Nginx => {
+        PathKind::Nginx | PathKind::NginxMtls => {
             let inbound = free_addr();
             let outbound = free_addr();
             let h2 = if proto == Proto::H2 { "http2" } else { "" };
-            for (name, listen, next, options) in [
-                ("in", inbound, upstream, ""),
-                ("out", outbound, inbound, h2),
+            let keepalive = if per_connection {
+                "        # no keep-alive pool: a new upstream connection per request"
+            } else {
+                "        keepalive 256;\n        keepalive_requests 1000000;"
+            };
+            let mtls = kind.mtls();
+            let (in_listen, in_tls) = if mtls {
+                (
+                    "ssl",
+                    format!(
+                        "        ssl_protocols TLSv1.3;\n        ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_client_certificate {};\n        ssl_verify_client on;",
+                        certs.api.cert.display(),
+                        certs.api.key.display(),
+                        certs.ca.display()
+                    ),
+                )
+            } else {
+                ("", String::new())
+            };
+            // The leaf has a URI SAN only, so OpenSSL checks the name
+            // against the subject CN.
+            let out_tls = if mtls {
+                format!(
+                    "            proxy_ssl_protocols TLSv1.3;\n            proxy_ssl_certificate {};\n            proxy_ssl_certificate_key {};\n            proxy_ssl_trusted_certificate {};\n            proxy_ssl_verify on;\n            proxy_ssl_name \"test workload\";",
+                    certs.web.cert.display(),
+                    certs.web.key.display(),
+                    certs.ca.display()
+                )
+            } else {
+                String::new()
+            };
+            let out_scheme = if mtls { "https" } else { "http" };
+            for (name, listen, next, options, server_tls, scheme, proxy_tls) in [
+                (
+                    "in",
+                    inbound,
+                    upstream,
+                    in_listen,
+                    in_tls.as_str(),
+                    "http",
+                    "",
+                ),
+                (
+                    "out",
+                    outbound,
+                    inbound,
+                    h2,
+                    "",
+                    out_scheme,
+                    out_tls.as_str(),
+                ),
             ] {
                 let hop_dir = dir.path().join(format!("nginx-{name}"));
                 std::fs::create_dir_all(&hop_dir)?;
@@ -191,6 +381,10 @@ pub async fn start(
                         ("LISTEN", listen.to_string()),
                         ("UPSTREAM", next.to_string()),
                         ("LISTEN_OPTIONS", options.to_string()),
+                        ("KEEPALIVE", keepalive.to_string()),
+                        ("SERVER_TLS", server_tls.to_string()),
+                        ("SCHEME", scheme.to_string()),
+                        ("PROXY_TLS", proxy_tls.to_string()),
                         ("DIR", hop_dir.display().to_string()),
                     ],
                 )?;
@@ -220,15 +414,37 @@ pub async fn start(
                 path.proxy_pids.extend(workers);
             }
         }
-        PathKind::Haproxy => {
+        PathKind::Haproxy | PathKind::HaproxyMtls => {
             let inbound = free_addr();
             let outbound = free_addr();
-            let (bind, server) = if proto == Proto::H2 {
-                ("proto h2", "proto h2")
+            let (mode_name, reuse) = if per_connection {
+                ("tcp", "")
             } else {
-                ("", "")
+                ("http", "    http-reuse always")
             };
-            for (name, listen, next) in [("in", inbound, upstream), ("out", outbound, inbound)] {
+            let h2 = proto == Proto::H2 && !per_connection;
+            let plain = if h2 { "proto h2" } else { "" };
+            let mtls = kind.mtls();
+            let (in_bind, out_server) = if mtls {
+                (
+                    format!(
+                        "ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3 {plain}",
+                        certs.api_pem.display(),
+                        certs.ca.display()
+                    ),
+                    format!(
+                        "ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3 {plain}",
+                        certs.web_pem.display(),
+                        certs.ca.display()
+                    ),
+                )
+            } else {
+                (plain.to_string(), plain.to_string())
+            };
+            for (name, listen, next, bind, server) in [
+                ("in", inbound, upstream, in_bind.as_str(), plain),
+                ("out", outbound, inbound, plain, out_server.as_str()),
+            ] {
                 let hop_dir = dir.path().join(format!("haproxy-{name}"));
                 std::fs::create_dir_all(&hop_dir)?;
                 let conf = fill(
@@ -236,6 +452,8 @@ pub async fn start(
                     &[
                         ("LISTEN", listen.to_string()),
                         ("UPSTREAM", next.to_string()),
+                        ("MODE", mode_name.to_string()),
+                        ("REUSE", reuse.to_string()),
                         ("BIND_OPTIONS", bind.to_string()),
                         ("SERVER_OPTIONS", server.to_string()),
                         ("DIR", hop_dir.display().to_string()),

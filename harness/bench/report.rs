@@ -150,7 +150,12 @@ pub fn markdown(results: &Results) -> String {
     );
     let _ = writeln!(
         md,
-        "Medians over repetitions. **Proxy CPU** is the CPU time of every proxy process in the path (both hops) per 1,000 requests, from the scheduler's accounting; the ratio columns divide it by the nginx and HAProxy pairs' figure from the same batch (below 1× is better). **Added** latency is over the direct path in the same batch. Runs where other processes used more than 0.2 core are counted as noisy.\n"
+        "Medians over repetitions. **Proxy CPU** is the CPU time of every proxy process in the path (both hops) per 1,000 requests, from the scheduler's accounting; the *vs nginx* and *vs HAProxy* columns divide it by the nginx and HAProxy pairs' figure from the same batch, with the same transport between the hops (an -mtls path against nginx-mtls and haproxy-mtls; below 1× is better). The *vs plaintext* columns divide an -mtls path's req/s and proxy CPU by those of the same proxy with plaintext hops, same batch: the cost of mutual TLS. **Added** latency is over the direct path in the same batch. Runs where other processes used more than 0.2 core are counted as noisy.\n"
+    );
+    let _ = writeln!(
+        md,
+        "New-connection scenarios: {}.\n",
+        results.new_connections
     );
     for (kind, why) in &results.skipped {
         let _ = writeln!(md, "- skipped **{}**: {why}", kind.name());
@@ -164,6 +169,7 @@ pub fn markdown(results: &Results) -> String {
             scenarios.push(&run.scenario);
         }
     }
+    mtls_cost(&mut md, results, &scenarios);
     for scenario in scenarios {
         let runs: Vec<&Run> = results
             .runs
@@ -176,37 +182,51 @@ pub fn markdown(results: &Results) -> String {
             .and_then(|r| r.rate)
             .map(|r| format!(", {r} req/s asked"))
             .unwrap_or_default();
-        let _ = writeln!(md, "\n## {scenario} ({tool}{rate})\n");
+        let fresh = runs.first().is_some_and(|r| r.new_connections);
+        let what = if fresh {
+            ", one request per new connection: req/s = new connections/s, CPU per 1,000 connections"
+        } else {
+            ""
+        };
+        let _ = writeln!(md, "\n## {scenario} ({tool}{rate}{what})\n");
         let _ = writeln!(
             md,
-            "| path | req/s | proxy CPU ms/1k req (per hop) | vs nginx | vs HAProxy | p50 µs | p90 µs | p99 µs | p99.9 µs | mean µs | added p50 | added p90 | added p99 | added p99.9 | errors | noisy |"
+            "| path | req/s | proxy CPU ms/1k req (per hop) | vs nginx | vs HAProxy | req/s vs plaintext | CPU vs plaintext | p50 µs | p90 µs | p99 µs | p99.9 µs | mean µs | added p50 | added p90 | added p99 | added p99.9 | errors | noisy |"
         );
         let _ = writeln!(
             md,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let by_path = |kind: PathKind| {
             let rs: Vec<&Run> = runs.iter().copied().filter(|r| r.path == kind).collect();
             (!rs.is_empty()).then(|| summarize(&rs))
         };
         let direct = by_path(PathKind::Direct);
-        let nginx_cpu = by_path(PathKind::Nginx).map(|s| s.cpu);
-        let haproxy_cpu = by_path(PathKind::Haproxy).map(|s| s.cpu);
         for kind in PathKind::ALL {
             let Some(s) = by_path(kind) else { continue };
+            let (nginx, haproxy) = if kind.mtls() {
+                (PathKind::NginxMtls, PathKind::HaproxyMtls)
+            } else {
+                (PathKind::Nginx, PathKind::Haproxy)
+            };
             let (cpu, vs_nginx, vs_haproxy) = if kind == PathKind::Direct {
                 ("–".to_string(), "–".to_string(), "–".to_string())
             } else {
                 (
                     format!("{:.1} ({:.1})", s.cpu, s.cpu / hops(kind)),
-                    ratio(s.cpu, nginx_cpu),
-                    ratio(s.cpu, haproxy_cpu),
+                    ratio(s.cpu, by_path(nginx).map(|s| s.cpu)),
+                    ratio(s.cpu, by_path(haproxy).map(|s| s.cpu)),
                 )
+            };
+            let plain = kind.mtls().then(|| by_path(kind.plaintext())).flatten();
+            let (rps_vs_plain, cpu_vs_plain) = match &plain {
+                Some(p) => (ratio(s.rps, Some(p.rps)), ratio(s.cpu, Some(p.cpu))),
+                None => ("–".to_string(), "–".to_string()),
             };
             let base = direct.as_ref();
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {cpu} | {vs_nginx} | {vs_haproxy} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+                "| {} | {:.0} | {cpu} | {vs_nginx} | {vs_haproxy} | {rps_vs_plain} | {cpu_vs_plain} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
                 kind.name(),
                 s.rps,
                 us(s.p50),
@@ -253,6 +273,61 @@ pub fn markdown(results: &Results) -> String {
     }
     let _ = writeln!(md, "```");
     md
+}
+
+/// One table: each -mtls path's req/s and proxy CPU over its plaintext
+/// path's, per scenario, same batch.
+fn mtls_cost(md: &mut String, results: &Results, scenarios: &[&str]) {
+    let pairs: Vec<PathKind> = PathKind::ALL
+        .into_iter()
+        .filter(|k| k.mtls() && results.runs.iter().any(|r| r.path == *k))
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## The cost of mutual TLS\n\nEach -mtls path over the same proxy with plaintext hops, same batch: req/s (above 1× is faster) / proxy CPU per request (above 1× costs more).\n"
+    );
+    let mut head = "| scenario |".to_string();
+    let mut rule = "|---|".to_string();
+    for k in &pairs {
+        let _ = write!(
+            head,
+            " {} req/s | {} CPU |",
+            k.plaintext().name(),
+            k.plaintext().name()
+        );
+        rule.push_str("---:|---:|");
+    }
+    let _ = writeln!(md, "{head}\n{rule}");
+    for scenario in scenarios {
+        let median_of = |kind: PathKind, f: fn(&Run) -> f64| {
+            median(
+                results
+                    .runs
+                    .iter()
+                    .filter(|r| r.scenario == *scenario && r.path == kind)
+                    .map(f),
+            )
+        };
+        let mut line = format!("| {scenario} |");
+        for k in &pairs {
+            let rps = |kind| median_of(kind, |r| r.outcome.rps());
+            let cpu = |kind| median_of(kind, |r| r.proxy_cpu_ms_per_1k);
+            let cell = |a: Option<f64>, b: Option<f64>| match a {
+                Some(a) => ratio(a, b),
+                None => "–".to_string(),
+            };
+            let _ = write!(
+                line,
+                " {} | {} |",
+                cell(rps(*k), rps(k.plaintext())),
+                cell(cpu(*k), cpu(k.plaintext()))
+            );
+        }
+        let _ = writeln!(md, "{line}");
+    }
 }
 
 pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
