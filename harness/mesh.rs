@@ -120,3 +120,31 @@ impl Pair {
         }
     }
 }
+
+/// A policy for a control plane: Service `shop/api` with no static
+/// endpoints (api's sidecar registers its inbound listener), Workload
+/// `shop/api` in front of the app on `app_port`, and Workload `shop/web`
+/// calling it.
+pub fn registered_api(app_port: u16) -> String {
+    format!(
+        "\
+apiVersion: outrigger.io/v1alpha1
+kind: Service
+metadata: {{name: api, namespace: shop}}
+spec: {{protocol: http}}
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {{name: api, namespace: shop}}
+spec:
+  inbound: [{{name: http, port: 0, appPort: {app_port}, service: api}}]
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {{name: web, namespace: shop}}
+spec:
+  inbound: [{{name: http, port: 0, appPort: 1}}]
+  outbound: [{{port: 0, service: api}}]
+"
+    )
+}

@@ -17,32 +17,15 @@ use serde_json::Value;
 
 fn mesh(app_port: u16, request_timeout: &str) -> String {
     format!(
-        "\
-apiVersion: outrigger.io/v1alpha1
-kind: Service
-metadata: {{name: api, namespace: shop}}
-spec: {{protocol: http}}
----
-apiVersion: outrigger.io/v1alpha1
-kind: Workload
-metadata: {{name: api, namespace: shop}}
-spec:
-  inbound: [{{name: http, port: 0, appPort: {app_port}, service: api}}]
----
-apiVersion: outrigger.io/v1alpha1
-kind: Workload
-metadata: {{name: web, namespace: shop}}
-spec:
-  inbound: [{{name: http, port: 0, appPort: 1}}]
-  outbound: [{{port: 0, service: api}}]
----
+        "{}---
 apiVersion: outrigger.io/v1alpha1
 kind: TrafficPolicy
 metadata: {{name: api, namespace: shop}}
 spec:
   service: api
   timeouts: {{request: {request_timeout}}}
-"
+",
+        outrigger_e2e::mesh::registered_api(app_port)
     )
 }
 

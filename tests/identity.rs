@@ -19,27 +19,7 @@ const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
 
 fn mesh(app_port: u16) -> String {
-    format!(
-        "\
-apiVersion: outrigger.io/v1alpha1
-kind: Service
-metadata: {{name: api, namespace: shop}}
-spec: {{protocol: http}}
----
-apiVersion: outrigger.io/v1alpha1
-kind: Workload
-metadata: {{name: api, namespace: shop}}
-spec:
-  inbound: [{{name: http, port: 0, appPort: {app_port}, service: api}}]
----
-apiVersion: outrigger.io/v1alpha1
-kind: Workload
-metadata: {{name: web, namespace: shop}}
-spec:
-  inbound: [{{name: http, port: 0, appPort: 1}}]
-  outbound: [{{port: 0, service: api}}]
-"
-    )
+    outrigger_e2e::mesh::registered_api(app_port)
 }
 
 /// `outrigger token create`, written to a file as an operator would.

@@ -115,20 +115,11 @@ async fn certify(
     params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
     let csr_pem = params.serialize_request(&key)?.pem()?;
 
-    let channel = tonic::transport::Endpoint::from_shared(options.endpoint.clone())
-        .with_context(|| format!("bad control plane address {:?}", options.endpoint))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(15))
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the control plane at {}",
-                options.endpoint
-            )
-        })?;
+    let channel = crate::policy_client::connect(&options.endpoint).await?;
+    let mut request = tonic::Request::new(CertifyRequest { token, csr_pem });
+    request.set_timeout(Duration::from_secs(15));
     let answer = IdentityClient::new(channel)
-        .certify(CertifyRequest { token, csr_pem })
+        .certify(request)
         .await
         .map_err(|status| anyhow::anyhow!("the control plane refused: {}", status.message()))?
         .into_inner();

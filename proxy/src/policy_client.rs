@@ -145,20 +145,7 @@ async fn session(
     running: &Running,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(options.endpoint.clone())
-        .with_context(|| format!("bad control plane address {:?}", options.endpoint))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the control plane at {}",
-                options.endpoint
-            )
-        })?;
+    let channel = connect(&options.endpoint).await?;
     let mut client =
         PolicyDiscoveryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
 
@@ -277,6 +264,20 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// A gRPC channel to the control plane: bounded connect, keep-alives so a
+/// dead peer is noticed.
+pub(crate) async fn connect(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .with_context(|| format!("bad control plane address {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the control plane at {endpoint}"))
 }
 
 async fn apply(
