@@ -260,6 +260,15 @@ async fn a_control_plane_that_requires_tokens_serves_only_sidecars_with_their_ow
     for refused in [&anonymous, &impostor] {
         assert_eq!(refused.admin_get("/ready").await.0, 503);
     }
+    let (_, metrics) = m.cp.admin_get("/metrics").await;
+    for reason in ["no_token", "wrong_workload"] {
+        let refused = metric_sum(
+            &metrics,
+            "outrigger_cp_policy_streams_refused_total",
+            &[("reason", reason)],
+        );
+        assert!(refused >= 1.0, "{reason}");
+    }
     let ids: Vec<String> =
         m.cp.proxies()
             .await

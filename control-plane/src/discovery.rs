@@ -81,10 +81,12 @@ impl PolicyDiscovery for Discovery {
             Some(token) => {
                 let workload = self.authority.tokens.verify(&token).map_err(|e| {
                     tracing::warn!(%peer, proxy = %record.proxy_id, error = %e, "policy stream refused");
+                    metrics::counter!(crate::metrics::STREAMS_REFUSED, "reason" => "bad_token").increment(1);
                     Status::unauthenticated(e.to_string())
                 })?;
                 if workload != record.workload {
                     tracing::warn!(%peer, proxy = %record.proxy_id, claimed = %record.workload, token_for = %workload, "policy stream refused: token for another workload");
+                    metrics::counter!(crate::metrics::STREAMS_REFUSED, "reason" => "wrong_workload").increment(1);
                     return Err(Status::permission_denied(format!(
                         "the token is for workload {workload}, not {}",
                         record.workload
@@ -94,6 +96,8 @@ impl PolicyDiscovery for Discovery {
             }
             None if self.require_tokens => {
                 tracing::warn!(%peer, proxy = %record.proxy_id, "policy stream refused: no token");
+                metrics::counter!(crate::metrics::STREAMS_REFUSED, "reason" => "no_token")
+                    .increment(1);
                 return Err(Status::unauthenticated(
                     "this control plane requires a bootstrap token (--token-file)",
                 ));

@@ -7,6 +7,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const PUSH_ACK_SECONDS: &str = "outrigger_cp_push_ack_seconds";
 pub const CERTIFICATES_ISSUED: &str = "outrigger_cp_certificates_issued_total";
 pub const CERTIFICATES_REFUSED: &str = "outrigger_cp_certificates_refused_total";
+pub const STREAMS_REFUSED: &str = "outrigger_cp_policy_streams_refused_total";
 
 /// From 1 ms (a sidecar next door) to 30 s.
 const PUSH_ACK_BUCKETS: &[f64] = &[
@@ -60,6 +61,10 @@ fn describe() {
     metrics::describe_counter!(
         CERTIFICATES_REFUSED,
         "Certificate requests refused, by reason (bad_token, unknown_workload, wrong_identity, bad_csr)"
+    );
+    metrics::describe_counter!(
+        STREAMS_REFUSED,
+        "Policy streams refused, by reason (no_token, bad_token, wrong_workload)"
     );
     metrics::counter!(CERTIFICATES_ISSUED).absolute(0);
     // Present from the start, so dashboards and alerts see zeros, not gaps.
