@@ -338,3 +338,22 @@ async fn a_control_plane_outage_leaves_the_current_certificate_serving() {
     assert_eq!(m.web.admin_get("/ready").await.0, 200);
     assert!(m.web.logs().contains("cannot get a certificate"));
 }
+
+#[tokio::test]
+async fn expired_certificates_end_readiness_and_their_connections() {
+    // Four-second certificates, and no control plane to renew them.
+    let mut m = start(&["--cert-ttl", "4s"]).await;
+    m.cp.kill();
+    eventually("web to notice its certificate expired", || async {
+        m.web.admin_get("/ready").await.0 == 503
+    })
+    .await;
+    let (_, body) = m.web.admin_get("/ready").await;
+    assert!(body.contains("no certificate"), "{body}");
+    // The connection verified with the expired certificates was closed:
+    // a request now needs a new handshake, which the peer refuses.
+    eventually("requests to stop riding the expired connection", || async {
+        headers(m.outbound).await.0 == 502
+    })
+    .await;
+}

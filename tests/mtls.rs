@@ -236,7 +236,9 @@ async fn the_outbound_side_refuses_a_server_with_the_wrong_identity() {
     assert_eq!(status, 502);
     let body = String::from_utf8_lossy(&body);
     assert!(
-        body.contains(impostor_id) && body.contains(API_ID),
+        body.contains(&format!(
+            "the server presented identity {impostor_id}, expected {API_ID}"
+        )),
         "{body}"
     );
     assert_eq!(app.requests(), 0);
@@ -378,4 +380,51 @@ async fn websocket_style_upgrades_cross_both_sidecars() {
         "{head}"
     );
     assert_eq!(echoed, b"hello over an upgraded mTLS hop");
+}
+
+#[tokio::test]
+async fn a_bundle_change_closes_connections_verified_with_the_old_one() {
+    let app = HttpUpstream::start("app").await;
+    let Mesh { _dir, api, web } = mesh(app.addr.port(), "http", "api").await;
+    let outbound = web.listener("outbound/shop/api");
+    let client = clients::http1();
+    let get = || async {
+        let rsp = client
+            .request(clients::get(outbound, "/headers"))
+            .await
+            .unwrap();
+        let status = rsp.status().as_u16();
+        clients::read_body(rsp).await.unwrap();
+        status
+    };
+    assert_eq!(get().await, 200);
+
+    // api moves to a new CA that web does not trust. Its pooled connection
+    // from web was verified against the old bundle: api closes it, and
+    // web's next handshake fails instead of riding the old connection.
+    let dir = tempfile::tempdir().unwrap();
+    let new_ca = TestCa::new("another root");
+    let files = new_ca.write(dir.path(), "api", Leaf::Spiffe(API_ID));
+    // The files api was started with (see `mesh`).
+    for (from, to) in [
+        (&files.cert, "api.crt"),
+        (&files.key, "api.key"),
+        (&files.bundle, "api-bundle.pem"),
+    ] {
+        std::fs::copy(from, _dir.path().join(to)).unwrap();
+    }
+    api.signal("HUP");
+    api.wait_for_log("certificate and trust bundle re-read")
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = get().await;
+        if status == 502 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old connection kept serving"
+        );
+    }
 }

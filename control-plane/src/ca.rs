@@ -89,6 +89,9 @@ pub struct Ca {
     own: Option<CaFiles>,
     /// The CA certificate and whatever chain came with it.
     chain_pem: String,
+    /// What goes after each workload certificate: the chain without its
+    /// root (peers have the root in their bundle).
+    intermediates_pem: String,
     bundle_pem: String,
 }
 
@@ -119,15 +122,34 @@ impl Ca {
             .with_context(|| format!("cannot read CA certificate {}", cert_path.display()))?;
         let key_pem = std::fs::read_to_string(&key_path)
             .with_context(|| format!("cannot read CA key {}", key_path.display()))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .with_context(|| format!("{}: not a usable private key", key_path.display()))?;
+        let key = KeyPair::from_pem(&key_pem).with_context(|| {
+            format!(
+                "{}: not a usable private key (a PKCS#8 PEM is expected; `openssl pkcs8 -topk8 -nocrypt` converts others)",
+                key_path.display()
+            )
+        })?;
+        check_key_matches(&chain_pem, &key).with_context(|| {
+            format!(
+                "{} is not the key of {}",
+                key_path.display(),
+                cert_path.display()
+            )
+        })?;
         let issuer = Issuer::from_ca_cert_pem(&chain_pem, key)
             .with_context(|| format!("{}: not a usable CA certificate", cert_path.display()))?;
         let bundle_pem = match &options.trust_bundle {
             Some(path) => std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read trust bundle {}", path.display()))?,
-            None => first_pem_block(&chain_pem)
-                .with_context(|| format!("{}: no certificate", cert_path.display()))?,
+            None => {
+                let first = first_pem_block(&chain_pem)
+                    .with_context(|| format!("{}: no certificate", cert_path.display()))?;
+                anyhow::ensure!(
+                    without_roots(&first).is_empty(),
+                    "{} is not a root (self-signed) certificate: give the roots sidecars should trust with --trust-bundle",
+                    cert_path.display()
+                );
+                first
+            }
         };
         let ca = Self {
             issuer,
@@ -135,6 +157,7 @@ impl Ca {
                 cert_pem: chain_pem.clone(),
                 key_pem,
             }),
+            intermediates_pem: without_roots(&chain_pem),
             chain_pem,
             bundle_pem,
         };
@@ -191,6 +214,9 @@ impl Ca {
         }
         let now = time::OffsetDateTime::now_utc();
         let ttl = time::Duration::try_from(ttl).map_err(|e| IssueError::Sign(e.to_string()))?;
+        let until = now
+            .checked_add(ttl)
+            .ok_or_else(|| IssueError::Sign(format!("a lifetime of {ttl} is out of range")))?;
         let mut params = CertificateParams::default();
         params.subject_alt_names =
             vec![SanType::URI(spiffe_id.try_into().map_err(
@@ -200,7 +226,9 @@ impl Ca {
         params.serial_number = Some(SerialNumber::from(random_serial()));
         // A minute of slack for clocks a little behind ours.
         params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + ttl;
+        params.not_after = until;
+        // An end-entity certificate, never a CA.
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -211,10 +239,10 @@ impl Ca {
         let cert = csr
             .signed_by(&self.issuer)
             .map_err(|e| IssueError::Sign(e.to_string()))?;
-        let not_after = UNIX_EPOCH
-            + Duration::from_secs(u64::try_from((now + ttl).unix_timestamp()).unwrap_or(0));
+        let not_after =
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(until.unix_timestamp()).unwrap_or(0));
         Ok(Issued {
-            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            chain_pem: format!("{}{}", cert.pem(), self.intermediates_pem),
             not_after,
         })
     }
@@ -288,6 +316,54 @@ fn random_serial() -> Vec<u8> {
     bytes.to_vec()
 }
 
+/// The PEM certificates in `pem` that are not self-signed.
+fn without_roots(pem: &str) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut out = String::new();
+    for (der, block) in CertificateDer::pem_slice_iter(pem.as_bytes()).zip(pem_blocks(pem)) {
+        let Ok(der) = der else { continue };
+        let self_signed = x509_parser::parse_x509_certificate(der.as_ref())
+            .is_ok_and(|(_, cert)| cert.subject() == cert.issuer());
+        if !self_signed {
+            out.push_str(&block);
+        }
+    }
+    out
+}
+
+fn pem_blocks(pem: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(end) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + end + END.len();
+        blocks.push(format!("{}\n", &rest[start..end]));
+        rest = &rest[end..];
+    }
+    blocks
+}
+
+/// The first certificate's public key must be `key`'s.
+fn check_key_matches(chain_pem: &str, key: &KeyPair) -> anyhow::Result<()> {
+    use rcgen::PublicKeyData;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .context("no certificate")??;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    anyhow::ensure!(
+        cert.public_key().subject_public_key.data.as_ref() == key.der_bytes(),
+        "the public keys differ"
+    );
+    Ok(())
+}
+
 fn first_pem_block(pem: &str) -> Option<String> {
     const END: &str = "-----END CERTIFICATE-----";
     let start = pem.find("-----BEGIN CERTIFICATE-----")?;
@@ -322,7 +398,8 @@ mod tests {
         let issued = ca
             .issue(&csr_for(id), id, Duration::from_secs(3600))
             .unwrap();
-        assert!(issued.chain_pem.matches("BEGIN CERTIFICATE").count() == 2);
+        // The leaf alone: peers have the root.
+        assert!(issued.chain_pem.matches("BEGIN CERTIFICATE").count() == 1);
         let left = issued.not_after.duration_since(SystemTime::now()).unwrap();
         assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
         let err = ca
@@ -341,6 +418,39 @@ mod tests {
         // The same root on the next start.
         let again = Ca::load_or_create(dir.path(), &CaOptions::default()).unwrap();
         assert_eq!(again.bundle_pem(), ca.bundle_pem());
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_at_start() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        Ca::load_or_create(a.path(), &CaOptions::default()).unwrap();
+        Ca::load_or_create(b.path(), &CaOptions::default()).unwrap();
+        let err = Ca::load_or_create(
+            a.path(),
+            &CaOptions {
+                cert: Some(a.path().join(CERT_FILE)),
+                key: Some(b.path().join(KEY_FILE)),
+                trust_bundle: None,
+            },
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("is not the key of"), "{err:#}");
+    }
+
+    #[test]
+    fn leaves_are_not_cas_and_do_not_carry_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), &CaOptions::default()).unwrap();
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let issued = ca.issue(&csr_for(id), id, Duration::from_secs(60)).unwrap();
+        assert_eq!(issued.chain_pem.matches("BEGIN CERTIFICATE").count(), 1);
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(issued.chain_pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let constraints = cert.basic_constraints().unwrap().unwrap();
+        assert!(!constraints.value.ca);
     }
 
     #[test]

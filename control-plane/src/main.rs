@@ -222,10 +222,15 @@ fn duration(s: &str) -> Result<Duration, String> {
     outrigger_config::parse_duration(s)
 }
 
+/// A workload certificate's life: at least a second (tests rotate fast),
+/// at most a year (short-lived is the point).
 fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = outrigger_config::parse_duration(s)?;
     if d < Duration::from_secs(1) {
         return Err("must be at least 1s".to_string());
+    }
+    if d > Duration::from_secs(365 * 86_400) {
+        return Err("must be at most 8760h (a year)".to_string());
     }
     Ok(d)
 }

@@ -231,6 +231,11 @@ fn warn_plaintext_to_mesh(specs: &[apply::ListenerSpec]) {
 
 fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
     let mut out = Vec::new();
+    if config.mesh.default_authorization == outrigger_config::DefaultAction::Deny {
+        out.push(
+            "Mesh authorization.defaultAction: deny is NOT enforced yet: inbound accepts every caller mTLS lets through".to_string(),
+        );
+    }
     for policy in config.authorization_policies_for(workload) {
         out.push(format!(
             "AuthorizationPolicy {} is validated but NOT enforced yet: inbound requests are not authorized (needs mTLS identities)",

@@ -92,7 +92,7 @@ pub struct Args {
     /// read again at every renewal.
     #[arg(
         long,
-        env = "OUTRIGGER_TOKEN_FILE",
+        env = "OUTRIGGER_BOOTSTRAP_TOKEN_FILE",
         value_name = "FILE",
         requires = "control_plane",
         conflicts_with = "tls_cert"

@@ -132,6 +132,25 @@ pub struct TrustBundle {
 }
 
 impl TrustBundle {
+    /// Whether `credentials` chain to this bundle, as peers will check:
+    /// a missing intermediate or a certificate from another CA would
+    /// otherwise only show as every handshake failing.
+    pub fn check(&self, credentials: &Credentials) -> Result<(), IdentityError> {
+        let chain = &credentials.certified.cert;
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(invalid("the certificate", "empty chain"));
+        };
+        self.client_verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| {
+                invalid(
+                    "the certificate",
+                    format!("is not valid against the trust bundle: {e}"),
+                )
+            })
+    }
+
     pub fn from_pem(what: &str, pem: &[u8]) -> Result<Self, IdentityError> {
         let certs = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<Vec<_>, _>>()
@@ -164,15 +183,33 @@ impl TrustBundle {
 
 /// The live identity of this sidecar. Empty until the first certificate
 /// arrives: handshakes fail (and `/ready` is false) until then.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Identity {
     credentials: ArcSwapOption<Credentials>,
     bundle: ArcSwapOption<TrustBundle>,
+    /// Bumped whenever the bundle changes: connections verified against
+    /// the old one are closed (gracefully) so their peers handshake again.
+    bundle_version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            credentials: ArcSwapOption::empty(),
+            bundle: ArcSwapOption::empty(),
+            bundle_version: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Identity {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Changes when the trust bundle does.
+    pub fn bundle_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bundle_version.subscribe()
     }
 
     pub fn credentials(&self) -> Option<Arc<Credentials>> {
@@ -201,11 +238,26 @@ impl Identity {
     }
 
     pub fn set_bundle(&self, bundle: TrustBundle) {
+        let changed = self
+            .bundle
+            .load()
+            .as_ref()
+            .is_none_or(|current| current.pem != bundle.pem);
         self.bundle.store(Some(Arc::new(bundle)));
+        if changed {
+            self.bundle_version.send_modify(|v| *v += 1);
+        }
     }
 
+    /// A certificate that is valid now, and a bundle.
     pub fn is_ready(&self) -> bool {
-        self.credentials.load().is_some() && self.bundle.load().is_some()
+        let now = SystemTime::now();
+        let valid = self
+            .credentials
+            .load()
+            .as_ref()
+            .is_some_and(|c| c.not_before <= now && now < c.not_after);
+        valid && self.bundle.load().is_some()
     }
 
     /// How long the current certificate has left; `None` without one.

@@ -137,5 +137,6 @@ async fn certify(
         "the trust bundle from the control plane",
         answer.trust_bundle_pem.as_bytes(),
     )?;
+    bundle.check(&credentials)?;
     Ok((credentials, bundle))
 }

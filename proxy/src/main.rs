@@ -11,6 +11,8 @@ use outrigger_proxy::identity_client::{self, IdentityClientOptions};
 use outrigger_proxy::policy_client::{self, PolicyClientOptions};
 use outrigger_proxy::state::Loaded;
 use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
@@ -203,9 +205,9 @@ impl TlsFiles {
                 current.spiffe_id
             );
         }
-        if credentials.not_after <= std::time::SystemTime::now() {
-            tracing::warn!(cert = %self.cert.display(), "the certificate has expired: peers will refuse it");
-        }
+        bundle
+            .check(&credentials)
+            .with_context(|| format!("{}", self.cert.display()))?;
         identity.set_bundle(bundle);
         identity.set_credentials(credentials);
         Ok(())

@@ -34,6 +34,36 @@ pub struct Accepted<IO> {
     pub alpn: Option<http::Version>,
     /// The client's SPIFFE ID, verified by the TLS handshake.
     pub peer_id: Option<Arc<str>>,
+    /// Over mTLS: when the connection must be closed (gracefully) so the
+    /// peer handshakes again.
+    pub recheck: Option<Recheck>,
+}
+
+/// An mTLS connection is only as good as the certificates and bundle it
+/// was verified with: it is due for closing when either certificate
+/// expires or the trust bundle changes.
+#[derive(Debug)]
+pub struct Recheck {
+    pub until: std::time::SystemTime,
+    pub bundle: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Recheck {
+    /// Resolves when the connection is due; never without a recheck.
+    pub async fn due(recheck: Option<Recheck>) {
+        let Some(mut recheck) = recheck else {
+            return std::future::pending().await;
+        };
+        let left = recheck
+            .until
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(left) => {}
+            // A dropped sender (identity gone) is no reason to close.
+            Ok(()) = recheck.bundle.changed() => {}
+        }
+    }
 }
 
 pub trait ServerTransport: Clone + Send + Sync + 'static {
@@ -78,6 +108,7 @@ impl ServerTransport for Plaintext {
             peer,
             alpn: None,
             peer_id: None,
+            recheck: None,
         })
     }
 }
@@ -101,6 +132,7 @@ pub enum ServerSide {
         acceptor: TlsAcceptor,
         /// A client that does not finish its handshake in time is dropped.
         handshake_timeout: Duration,
+        identity: Arc<crate::identity::Identity>,
     },
 }
 
@@ -117,19 +149,21 @@ impl ServerTransport for ServerSide {
     type Io = MeshIo;
 
     async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> io::Result<Accepted<MeshIo>> {
-        let (acceptor, handshake_timeout) = match self {
+        let (acceptor, handshake_timeout, identity) = match self {
             ServerSide::Plaintext => {
                 return Ok(Accepted {
                     io: MeshIo::Plain(tcp),
                     peer,
                     alpn: None,
                     peer_id: None,
+                    recheck: None,
                 });
             }
             ServerSide::Tls {
                 acceptor,
                 handshake_timeout,
-            } => (acceptor, *handshake_timeout),
+                identity,
+            } => (acceptor, *handshake_timeout, identity),
         };
         let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
             .await
@@ -153,18 +187,31 @@ impl ServerTransport for ServerSide {
             _ => None,
         };
         // The verifier already refused certificates without a SPIFFE ID.
-        let peer_id = session
+        let facts = session
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|leaf| CertFacts::parse(leaf).ok())
-            .and_then(|facts| facts.spiffe_id.ok())
+            .and_then(|leaf| CertFacts::parse(leaf).ok());
+        let peer_id = facts
+            .as_ref()
+            .and_then(|f| f.spiffe_id.clone().ok())
             .map(Arc::from);
+        let ours = identity.credentials().map(|c| c.not_after);
+        let until = [facts.map(|f| f.not_after), ours]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(std::time::SystemTime::now);
+        let recheck = Some(Recheck {
+            until,
+            bundle: identity.bundle_changes(),
+        });
         metrics::counter!(crate::metrics::TLS_HANDSHAKES_TOTAL, "direction" => "inbound", "result" => "ok", "reason" => "").increment(1);
         Ok(Accepted {
             io: MeshIo::ServerTls(Box::new(stream)),
             peer,
             alpn,
             peer_id,
+            recheck,
         })
     }
 }
@@ -220,7 +267,7 @@ impl ClientTransport for ClientSide {
                 handshake_failed("outbound", &addr, &e);
                 Err(io::Error::new(
                     e.kind(),
-                    format!("mTLS handshake with {addr} failed: {e}"),
+                    format!("mTLS handshake with {addr} failed: {}", tls::describe(&e)),
                 ))
             }
         }
@@ -235,7 +282,9 @@ fn handshake_failed(direction: &'static str, peer: &SocketAddr, e: &io::Error) {
         "not_tls" | "eof" | "io" | "timeout" => {
             tracing::debug!(direction, %peer, reason, error = %e, "TLS handshake failed")
         }
-        _ => tracing::warn!(direction, %peer, reason, error = %e, "TLS handshake refused"),
+        _ => {
+            tracing::warn!(direction, %peer, reason, error = %tls::describe(e), "TLS handshake refused")
+        }
     }
 }
 

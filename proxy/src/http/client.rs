@@ -77,9 +77,11 @@ impl<T: ClientTransport> EndpointClient<T> {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(settings.pool_idle_timeout)
-            // Requests we forward may not be safe to resend: never let the
-            // pool replay one on a fresh connection behind our back.
-            .retry_canceled_requests(false)
+            // hyper retries only a request it hands back unsent, when a
+            // pooled connection turns out closed before the request was
+            // written (a peer closing gracefully, say, as sidecars do when
+            // a certificate expires): safe for any method.
+            .retry_canceled_requests(true)
             .http2_max_header_list_size(
                 u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
             );

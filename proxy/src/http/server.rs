@@ -26,7 +26,7 @@ use super::body::ProxyBody;
 use super::{ClientAddr, PeerId};
 use crate::drain;
 use crate::errors::error_response;
-use crate::transport::Accepted;
+use crate::transport::{Accepted, Recheck};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -80,6 +80,7 @@ async fn serve_inner<IO>(
         peer,
         alpn,
         peer_id,
+        recheck,
     } = accepted;
     let (version, io) = match alpn {
         Some(v) => (v, Rewind::new(Bytes::new(), io)),
@@ -118,13 +119,26 @@ async fn serve_inner<IO>(
         }
     });
     let io = TokioIo::new(io);
+    // Close gracefully (in-flight requests finish, no new ones) when the
+    // proxy drains, or when the mTLS verification this connection rests on
+    // is due again; the peer's next request opens a fresh connection.
+    // (Borrowing the drain watch, not taking it: the proxy's shutdown
+    // waits for this connection for as long as the watch lives.)
+    let stop = std::pin::pin!(async {
+        tokio::select! {
+            () = drain.signaled() => {}
+            () = Recheck::due(recheck) => {
+                tracing::debug!(%peer, "closing an mTLS connection: a certificate expired or the trust bundle changed");
+            }
+        }
+    });
 
     let result = if version == http::Version::HTTP_2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-        drive_gracefully!(builder.serve_connection(io, hyper_service), drain)
+        drive_gracefully!(builder.serve_connection(io, hyper_service), stop)
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -133,7 +147,7 @@ async fn serve_inner<IO>(
             .max_header_size(settings.max_header_bytes);
         drive_gracefully!(
             builder.serve_connection(io, hyper_service).with_upgrades(),
-            drain
+            stop
         )
     };
     if let Err(error) = result {
@@ -142,15 +156,15 @@ async fn serve_inner<IO>(
 }
 
 /// Runs a hyper connection to completion, switching it to a graceful
-/// shutdown (finish in-flight requests, take no new ones) when the drain
-/// starts. A macro rather than a generic function: the generic version
+/// shutdown (finish in-flight requests, take no new ones) when `stop`
+/// resolves. A macro rather than a generic function: the generic version
 /// trips a rustc limitation proving the future `Send`.
 macro_rules! drive_gracefully {
-    ($conn:expr, $drain:expr) => {{
+    ($conn:expr, $stop:expr) => {{
         let mut conn = std::pin::pin!($conn);
         tokio::select! {
             result = conn.as_mut() => result,
-            _ = $drain.signaled() => {
+            () = $stop => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
