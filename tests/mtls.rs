@@ -166,6 +166,8 @@ async fn the_inbound_side_refuses_bad_clients_at_the_handshake() {
     let (no_id_cert, no_id_key) = ca.issue(Leaf::NoSpiffeId);
     let (self_cert, self_key) = certs::self_signed(Leaf::Spiffe(WEB_ID));
     let (other_cert, other_key) = other_ca.issue(Leaf::Spiffe(WEB_ID));
+    let (foreign_cert, foreign_key) =
+        ca.issue(Leaf::Spiffe("spiffe://other.example/ns/shop/sa/web"));
     let alpn: &[&[u8]] = &[b"http/1.1"];
     for (case, identity, reason) in [
         ("no client certificate", None, "no_certificate"),
@@ -188,6 +190,11 @@ async fn the_inbound_side_refuses_bad_clients_at_the_handshake() {
             "a certificate without a SPIFFE ID",
             Some((no_id_cert.as_str(), no_id_key.as_str())),
             "no_spiffe_id",
+        ),
+        (
+            "our CA's certificate for another trust domain",
+            Some((foreign_cert.as_str(), foreign_key.as_str())),
+            "foreign_trust_domain",
         ),
     ] {
         let answer = certs::tls_get(inbound, certs::outsider_client(identity, alpn), "/").await;

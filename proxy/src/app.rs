@@ -188,6 +188,9 @@ impl Running {
                 .set(0.0);
         }
         metrics::gauge!(crate::metrics::CONFIG_INFO, "version" => loaded.version.clone()).set(1.0);
+        if let Some(identity) = &self.options.identity {
+            identity.set_trust_domain(&loaded.config.mesh.trust_domain);
+        }
         tracing::info!(workload = %loaded.workload, source = %loaded.source, "configuration applied: {summary}");
         self.state.set_applied(Arc::new(loaded), listeners.bound());
         Ok(summary)

@@ -187,6 +187,9 @@ impl TrustBundle {
 pub struct Identity {
     credentials: ArcSwapOption<Credentials>,
     bundle: ArcSwapOption<TrustBundle>,
+    /// The mesh's trust domain, from the policy: clients outside it are
+    /// refused.
+    trust_domain: ArcSwapOption<String>,
     /// Bumped whenever the bundle changes: connections verified against
     /// the old one are closed (gracefully) so their peers handshake again.
     bundle_version: tokio::sync::watch::Sender<u64>,
@@ -197,6 +200,7 @@ impl Default for Identity {
         Self {
             credentials: ArcSwapOption::empty(),
             bundle: ArcSwapOption::empty(),
+            trust_domain: ArcSwapOption::empty(),
             bundle_version: tokio::sync::watch::channel(0).0,
         }
     }
@@ -205,6 +209,17 @@ impl Default for Identity {
 impl Identity {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn trust_domain(&self) -> Option<Arc<String>> {
+        self.trust_domain.load_full()
+    }
+
+    /// Set from each policy applied.
+    pub fn set_trust_domain(&self, domain: &str) {
+        if self.trust_domain.load().as_deref().map(String::as_str) != Some(domain) {
+            self.trust_domain.store(Some(Arc::new(domain.to_string())));
+        }
     }
 
     /// Changes when the trust bundle does.

@@ -181,6 +181,8 @@ pub enum PeerRefused {
         presented: String,
         expected: Arc<[String]>,
     },
+    /// A client from outside this mesh's trust domain.
+    ForeignTrustDomain { presented: String, ours: String },
     /// No trust bundle yet.
     NoBundle,
 }
@@ -196,6 +198,10 @@ impl fmt::Display for PeerRefused {
                 f,
                 "the server presented identity {presented}, expected {}",
                 expected.join(" or ")
+            ),
+            PeerRefused::ForeignTrustDomain { presented, ours } => write!(
+                f,
+                "the client's identity {presented} is outside trust domain {ours}"
             ),
             PeerRefused::NoBundle => f.write_str("no trust bundle yet"),
         }
@@ -243,7 +249,20 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         bundle
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
-        peer_spiffe_id(end_entity)?;
+        let presented = peer_spiffe_id(end_entity)?;
+        // A root shared with other meshes (a company CA, say) does not let
+        // their workloads in.
+        if let Some(ours) = self.identity.trust_domain()
+            && !presented
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split_once('/'))
+                .is_some_and(|(domain, _)| domain == ours.as_str())
+        {
+            return Err(refused(PeerRefused::ForeignTrustDomain {
+                presented,
+                ours: ours.to_string(),
+            }));
+        }
         Ok(ClientCertVerified::assertion())
     }
 
@@ -404,6 +423,7 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
             match other.downcast_ref::<PeerRefused>() {
                 Some(PeerRefused::NoSpiffeId(_)) => "no_spiffe_id",
                 Some(PeerRefused::WrongIdentity { .. }) => "wrong_identity",
+                Some(PeerRefused::ForeignTrustDomain { .. }) => "foreign_trust_domain",
                 Some(PeerRefused::NoBundle) => "no_bundle",
                 None => "bad_certificate",
             }
