@@ -253,10 +253,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         // A root shared with other meshes (a company CA, say) does not let
         // their workloads in.
         if let Some(ours) = self.identity.trust_domain()
-            && !presented
+            && presented
                 .strip_prefix("spiffe://")
                 .and_then(|rest| rest.split_once('/'))
-                .is_some_and(|(domain, _)| domain == ours.as_str())
+                .is_none_or(|(domain, _)| domain != ours.as_str())
         {
             return Err(refused(PeerRefused::ForeignTrustDomain {
                 presented,
