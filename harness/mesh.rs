@@ -21,6 +21,14 @@ spec:
       port: 0
       appPort: {app_port}
       protocol: {protocol}
+---
+apiVersion: outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: api-callers, namespace: shop}}
+spec:
+  workload: api
+  action: ALLOW
+  rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
 "#
     )
 }
@@ -145,6 +153,14 @@ metadata: {{name: web, namespace: shop}}
 spec:
   inbound: [{{name: http, port: 0, appPort: 1}}]
   outbound: [{{port: 0, service: api}}]
+---
+apiVersion: outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: api-callers, namespace: shop}}
+spec:
+  workload: api
+  action: ALLOW
+  rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
 "
     )
 }

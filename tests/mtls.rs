@@ -23,7 +23,9 @@ const API_ID: &str = "spiffe://cluster.local/ns/shop/sa/api";
 fn api_config(app_port: u16, protocol: &str, sa: &str) -> String {
     format!(
         "apiVersion: outrigger.io/v1alpha1\nkind: Workload\nmetadata: {{name: api, namespace: shop}}\n\
-         spec:\n  serviceAccount: {sa}\n  inbound: [{{name: main, port: 0, appPort: {app_port}, protocol: {protocol}}}]\n"
+         spec:\n  serviceAccount: {sa}\n  inbound: [{{name: main, port: 0, appPort: {app_port}, protocol: {protocol}}}]\n\
+         ---\napiVersion: outrigger.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: api-callers, namespace: shop}}\n\
+         spec: {{workload: api, action: ALLOW, rules: [{{from: {{principals: ['{WEB_ID}']}}}}]}}\n"
     )
 }
 
@@ -434,4 +436,77 @@ async fn a_bundle_change_closes_connections_verified_with_the_old_one() {
             "the old connection kept serving"
         );
     }
+}
+
+#[tokio::test]
+async fn only_callers_a_policy_allows_get_in_and_deny_wins_hot() {
+    let app = HttpUpstream::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mesh root");
+    let api = api_sidecar(
+        app.addr.port(),
+        "http",
+        "api",
+        &ca.write(dir.path(), "api", Leaf::Spiffe(API_ID)),
+    )
+    .await;
+    let web = web_sidecar(
+        &api,
+        "http",
+        API_ID,
+        &ca.write(dir.path(), "web", Leaf::Spiffe(WEB_ID)),
+    )
+    .await;
+    let outbound = web.listener("outbound/shop/api");
+    let inbound = api.listener("inbound/main");
+
+    // web is allowed.
+    assert_eq!(
+        clients::http1_get(outbound, "/headers").await.unwrap().0,
+        200
+    );
+    let seen = app.requests();
+
+    // Another workload of the same mesh, verified by mTLS, is not.
+    let (cert, key) = ca.issue(Leaf::Spiffe("spiffe://cluster.local/ns/shop/sa/other"));
+    let answer = certs::tls_get(
+        inbound,
+        certs::outsider_client(Some((&cert, &key)), &[b"http/1.1"]),
+        "/headers",
+    )
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("not authorized for GET /headers"),
+        "{answer}"
+    );
+    assert!(
+        !answer.contains("api-callers"),
+        "no policy detail leaks: {answer}"
+    );
+    assert_eq!(app.requests(), seen, "the app never saw the denied request");
+    let denied = metric(
+        &api,
+        "outrigger_authz_denied_total",
+        &[("identity", "spiffe://cluster.local/ns/shop/sa/other")],
+    )
+    .await;
+    assert_eq!(denied, 1.0);
+
+    // A DENY rule, applied hot (SIGHUP), beats the ALLOW on the next request.
+    let deny = format!(
+        "{}---\napiVersion: outrigger.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin, namespace: shop}}\n\
+         spec: {{workload: api, action: DENY, rules: [{{from: {{principals: ['{WEB_ID}']}}, to: {{paths: ['/admin/*']}}}}]}}\n",
+        api_config(app.addr.port(), "http", "api")
+    );
+    let version = api.config_version().await;
+    api.reload(&deny);
+    api.wait_version_change(&version).await;
+    let (status, body) = clients::http1_get(outbound, "/admin/users").await.unwrap();
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        clients::http1_get(outbound, "/headers").await.unwrap().0,
+        200
+    );
 }

@@ -30,6 +30,7 @@
 //! assert_eq!(config.mesh.trust_domain, "cluster.local");
 //! ```
 
+pub mod authz;
 mod duration;
 mod error;
 mod load;

@@ -626,6 +626,15 @@ spec:
       appPort: {api_app_port}
       service: api
 ---
+# Zero trust: api accepts the web workload's sidecar, nobody else.
+apiVersion: outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: api-callers, namespace: shop}}
+spec:
+  workload: api
+  action: ALLOW
+  rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
+---
 # web calls two services through local ports.
 apiVersion: outrigger.io/v1alpha1
 kind: Workload

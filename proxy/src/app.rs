@@ -17,6 +17,7 @@ use crate::http::server::ServerSettings;
 use crate::identity::Identity;
 use crate::state::{Loaded, ProxyState};
 use crate::tls::MeshTls;
+use outrigger_config::authz::Authorizer;
 
 /// Everything needed to start a proxy (the CLI fills this in).
 #[derive(Clone, Debug)]
@@ -152,8 +153,22 @@ impl Running {
     /// connections finish on their own). All or nothing: on error the
     /// previous configuration keeps serving as it was, so the caller can
     /// report the error (NACK) and carry on.
-    pub async fn apply(&self, loaded: Loaded) -> Result<ApplySummary, ApplyError> {
+    pub async fn apply(&self, mut loaded: Loaded) -> Result<ApplySummary, ApplyError> {
         let mut listeners = self.listeners.lock().await;
+        // The policies decide from the next request on; with mTLS only
+        // (without it no caller is verified).
+        let authorizer = match &self.options.identity {
+            Some(_) => Some(Arc::new(Authorizer::for_workload(
+                &loaded.config,
+                &loaded.workload,
+            ))),
+            None => {
+                let warnings = authz_without_mtls(&loaded.config, &loaded.workload);
+                loaded.not_enforced.extend(warnings);
+                None
+            }
+        };
+        let previous_authorizer = listeners.swap_authorizer(authorizer);
         let watch = self
             .drain
             .lock()
@@ -168,6 +183,7 @@ impl Running {
         let mut summary = match listeners.apply(&specs, &self.options.server, &watch).await {
             Ok(summary) => summary,
             Err(e) => {
+                listeners.swap_authorizer(previous_authorizer);
                 // Normally a no-op; it matters when an old listener could
                 // not be restored, so /config does not list it.
                 if let Some(previous) = previous {
@@ -232,18 +248,35 @@ fn warn_plaintext_to_mesh(specs: &[apply::ListenerSpec]) {
     }
 }
 
-fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
+/// Without mTLS there is no verified caller to authorize: say what that
+/// leaves unenforced.
+fn authz_without_mtls(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
     let mut out = Vec::new();
-    if config.mesh.default_authorization == outrigger_config::DefaultAction::Deny {
+    let policies: Vec<String> = config
+        .authorization_policies_for(workload)
+        .map(|p| p.id.to_string())
+        .collect();
+    if !policies.is_empty() {
+        out.push(format!(
+            "AuthorizationPolicy {} NOT enforced: this sidecar has no mTLS identity, so callers are not verified",
+            policies.join(", ")
+        ));
+    } else if config.mesh.default_authorization == outrigger_config::DefaultAction::Deny {
         out.push(
-            "Mesh authorization.defaultAction: deny is NOT enforced yet: inbound accepts every caller mTLS lets through".to_string(),
+            "Mesh authorization.defaultAction: deny is NOT enforced: this sidecar has no mTLS identity, so callers are not verified".to_string(),
         );
     }
-    for policy in config.authorization_policies_for(workload) {
-        out.push(format!(
-            "AuthorizationPolicy {} is validated but NOT enforced yet: inbound requests are not authorized (needs mTLS identities)",
-            policy.id
-        ));
+    out
+}
+
+fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.mesh.default_authorization == outrigger_config::DefaultAction::Allow
+        && config.authorization_policies_for(workload).next().is_none()
+    {
+        out.push(
+            "Mesh authorization.defaultAction is allow (for migration): workloads without an AuthorizationPolicy accept every verified caller".to_string(),
+        );
     }
     let Some(w) = config.workloads.iter().find(|w| &w.id == workload) else {
         return out;

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::app::ProxyOptions;
+use crate::authz::{AuthzLayer, SharedAuthorizer};
 use crate::balance::RoundRobin;
 use crate::drain;
 use crate::forward::{Destination, SharedDestination};
@@ -36,6 +37,7 @@ use crate::timeout::SharedTimeout;
 use crate::tls::MeshTls;
 use crate::transport::{ClientSide, ServerSide};
 use crate::{inbound, outbound};
+use outrigger_config::authz::Authorizer;
 
 /// Why a configuration was not applied. Whatever the reason, the proxy
 /// keeps serving the configuration it had.
@@ -427,6 +429,7 @@ fn serve(
     watch: &drain::Watch,
     server: &ServerSettings,
     tls: Option<&MeshTls>,
+    authorizer: &SharedAuthorizer,
 ) -> Result<Active, BindError> {
     // Peers reach inbound listeners: mTLS whenever we have an identity.
     // Outbound listeners face the local app only.
@@ -447,7 +450,11 @@ fn serve(
         } => {
             let name = target_name(&spec.route);
             let stack = match spec.key.direction {
-                Direction::Inbound => inbound::http_stack(name, destination.clone()),
+                Direction::Inbound => inbound::http_stack(
+                    name.clone(),
+                    destination.clone(),
+                    AuthzLayer::new(authorizer.clone(), name, addr.port()),
+                ),
                 Direction::Outbound => {
                     outbound::http_stack(name, destination.clone(), timeout.clone())
                 }
@@ -498,6 +505,9 @@ pub struct Listeners {
     active: Vec<Active>,
     /// This sidecar's mTLS; `None`: plaintext everywhere (no identity).
     tls: Option<Arc<MeshTls>>,
+    /// The workload's compiled policies, shared by every inbound HTTP
+    /// listener; `None`: not enforced.
+    authorizer: SharedAuthorizer,
 }
 
 impl Listeners {
@@ -505,7 +515,14 @@ impl Listeners {
         Self {
             active: Vec::new(),
             tls,
+            authorizer: SharedAuthorizer::default(),
         }
+    }
+
+    /// Puts in the policies the next requests are decided by; returns the
+    /// ones they replace.
+    pub fn swap_authorizer(&self, next: Option<Arc<Authorizer>>) -> Option<Arc<Authorizer>> {
+        self.authorizer.swap(next)
     }
 
     pub fn bound(&self) -> Vec<BoundListener> {
@@ -616,7 +633,15 @@ impl Listeners {
         }
         for (spec, tcp) in sockets {
             let tls = self.tls.as_deref();
-            match serve(spec, tcp, Route::new(spec, server, tls), watch, server, tls) {
+            match serve(
+                spec,
+                tcp,
+                Route::new(spec, server, tls),
+                watch,
+                server,
+                tls,
+                &self.authorizer,
+            ) {
                 Ok(active) => {
                     tracing::info!(listener = %spec.name, addr = %active.addr, protocol = %spec.key.protocol, route = %spec.route, "listening");
                     summary.added.push(format!("{} {}", spec.name, active.addr));
@@ -643,7 +668,15 @@ impl Listeners {
     ) {
         for (spec, addr, route) in stopped {
             let restored = match listener::bind(addr, &spec.name).await {
-                Ok(tcp) => serve(&spec, tcp, route, watch, server, self.tls.as_deref()),
+                Ok(tcp) => serve(
+                    &spec,
+                    tcp,
+                    route,
+                    watch,
+                    server,
+                    self.tls.as_deref(),
+                    &self.authorizer,
+                ),
                 Err(e) => Err(e),
             };
             match restored {

@@ -42,6 +42,10 @@ pub enum ProxyError {
     /// The connection to the upstream failed mid-request.
     #[error("service {service} failed: {reason}")]
     Upstream { service: String, reason: String },
+    /// Authorization refused the caller. The message names the request,
+    /// never the policy.
+    #[error("not authorized for {method} {path}")]
+    Forbidden { method: String, path: String },
 }
 
 impl ProxyError {
@@ -51,6 +55,7 @@ impl ProxyError {
             ProxyError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -62,6 +67,7 @@ impl ProxyError {
             ProxyError::ClientBody { .. } => "bad-request-body",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Upstream { .. } => "upstream-reset",
+            ProxyError::Forbidden { .. } => "forbidden",
         }
     }
 }

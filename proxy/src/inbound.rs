@@ -2,7 +2,7 @@
 //! to the local app.
 //!
 //! ```text
-//! metrics → error responses → HTTP/1.1 back from HTTP/2 → header hygiene → forward to 127.0.0.1:<app port>
+//! metrics → error responses → HTTP/1.1 back from HTTP/2 → header hygiene → authorization → forward to 127.0.0.1:<app port>
 //! ```
 //!
 //! Authorization (after the transport has verified the peer's identity)
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
+use crate::authz::AuthzLayer;
 use crate::errors::ErrorResponseLayer;
 use crate::forward::{Forward, SharedDestination};
 use crate::headers::HeadersLayer;
@@ -23,12 +24,17 @@ use crate::transport::ClientTransport;
 
 /// The HTTP stack for one inbound listener; `app` has the one endpoint
 /// (swappable, e.g. when the app port changes).
-pub fn http_stack<T: ClientTransport>(name: Arc<str>, app: SharedDestination<T>) -> HttpService {
+pub fn http_stack<T: ClientTransport>(
+    name: Arc<str>,
+    app: SharedDestination<T>,
+    authz: AuthzLayer,
+) -> HttpService {
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(RequestMetrics::new("inbound", &name)))
         .layer(ErrorResponseLayer)
         .layer(DowngradeLayer)
         .layer(HeadersLayer)
+        .layer(authz)
         .service(Forward::new(app));
     BoxCloneSyncService::new(stack)
 }

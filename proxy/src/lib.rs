@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod app;
 pub mod apply;
+pub mod authz;
 pub mod balance;
 pub mod cli;
 pub mod drain;
