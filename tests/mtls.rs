@@ -63,6 +63,8 @@ struct Mesh {
     _dir: tempfile::TempDir,
     api: Proxy,
     web: Proxy,
+    /// Signed both sidecars' certificates.
+    ca: TestCa,
 }
 
 async fn mesh(app_port: u16, protocol: &str, api_sa: &str) -> Mesh {
@@ -87,6 +89,7 @@ async fn mesh(app_port: u16, protocol: &str, api_sa: &str) -> Mesh {
         _dir: dir,
         api,
         web,
+        ca,
     }
 }
 
@@ -98,7 +101,7 @@ async fn metric(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test]
 async fn requests_between_sidecars_ride_mtls_and_the_app_sees_the_caller() {
     let app = HttpUpstream::start("app").await;
-    let Mesh { _dir, api, web } = mesh(app.addr.port(), "http", "api").await;
+    let Mesh { _dir, api, web, .. } = mesh(app.addr.port(), "http", "api").await;
     let outbound = web.listener("outbound/shop/api");
 
     // HTTP/1.1 from the app; a forged caller header does not survive.
@@ -237,6 +240,7 @@ async fn the_outbound_side_refuses_a_server_with_the_wrong_identity() {
         _dir,
         api: _api,
         web,
+        ..
     } = mesh(app.addr.port(), "http", "impostor").await;
 
     let (status, body) = clients::http1_get(web.listener("outbound/shop/api"), "/")
@@ -267,7 +271,20 @@ async fn the_outbound_side_refuses_a_server_with_the_wrong_identity() {
 #[tokio::test]
 async fn opaque_tcp_rides_mtls_too() {
     let echo = TcpEcho::start().await;
-    let Mesh { _dir, api, web } = mesh(echo.addr.port(), "tcp", "api").await;
+    let Mesh {
+        _dir, api, web, ca, ..
+    } = mesh(echo.addr.port(), "tcp", "api").await;
+
+    // A caller the policy does not name: the connection is closed at once,
+    // nothing reaches the echo server.
+    let (cert, key) = ca.issue(Leaf::Spiffe("spiffe://cluster.local/ns/shop/sa/other"));
+    let refused = certs::tls_get(
+        api.listener("inbound/main"),
+        certs::outsider_client(Some((&cert, &key)), &[]),
+        "/",
+    )
+    .await;
+    assert!(refused.is_err(), "{refused:?}");
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(web.listener("outbound/shop/api"))
@@ -314,7 +331,7 @@ async fn a_certificate_for_another_workload_is_refused_at_start() {
 #[tokio::test]
 async fn http11_requests_share_one_multiplexed_connection_between_sidecars() {
     let app = HttpUpstream::start("app").await;
-    let Mesh { _dir, api, web } = mesh(app.addr.port(), "http", "api").await;
+    let Mesh { _dir, api, web, .. } = mesh(app.addr.port(), "http", "api").await;
     let outbound = web.listener("outbound/shop/api");
 
     // Twenty HTTP/1.1 requests at once, each on its own app connection,
@@ -376,6 +393,7 @@ async fn websocket_style_upgrades_cross_both_sidecars() {
         _dir,
         api: _api,
         web,
+        ..
     } = mesh(app.addr.port(), "http", "api").await;
     let (head, echoed) = outrigger_e2e::upstream::upgrade_roundtrip(
         web.listener("outbound/shop/api"),
@@ -394,7 +412,7 @@ async fn websocket_style_upgrades_cross_both_sidecars() {
 #[tokio::test]
 async fn a_bundle_change_closes_connections_verified_with_the_old_one() {
     let app = HttpUpstream::start("app").await;
-    let Mesh { _dir, api, web } = mesh(app.addr.port(), "http", "api").await;
+    let Mesh { _dir, api, web, .. } = mesh(app.addr.port(), "http", "api").await;
     let outbound = web.listener("outbound/shop/api");
     let client = clients::http1();
     let get = || async {

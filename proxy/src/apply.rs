@@ -476,6 +476,9 @@ fn serve(
             watch.clone(),
             transport,
             target.clone(),
+            (spec.key.direction == Direction::Inbound).then(|| {
+                AuthzLayer::new(authorizer.clone(), target_name(&spec.route), addr.port())
+            }),
         ),
     };
     Ok(Active {

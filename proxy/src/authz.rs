@@ -47,6 +47,31 @@ impl AuthzLayer {
     }
 }
 
+impl AuthzLayer {
+    /// Opaque TCP: decided once, at connection time, on the caller's
+    /// identity and the port (rules naming methods or paths never match).
+    /// Logs and counts a refusal.
+    pub fn allows_connection(&self, principal: Option<&str>) -> bool {
+        let authorizer = self.authorizer.load();
+        let Some(authorizer) = authorizer.as_ref() else {
+            return true;
+        };
+        let decision = authorizer.decide(&AuthzRequest {
+            principal,
+            method: "",
+            path: "",
+            port: self.port,
+        });
+        if !decision.allowed() {
+            let caller = principal.unwrap_or("(no identity)");
+            tracing::info!(workload = %self.workload, %caller, port = self.port, "TCP connection {decision}");
+            metrics::counter!(DENIED_TOTAL, "workload" => self.workload.to_string(), "identity" => caller.to_string())
+                .increment(1);
+        }
+        decision.allowed()
+    }
+}
+
 impl<S> Layer<S> for AuthzLayer {
     type Service = Authz<S>;
     fn layer(&self, inner: S) -> Authz<S> {

@@ -142,6 +142,7 @@ pub fn serve_http<T: ServerTransport>(
 
 /// Carries every connection the listener accepts to the current `target`
 /// as opaque TCP.
+/// `authz`: inbound listeners check each caller at connection time.
 pub fn serve_tcp<S: ServerTransport, C: ClientTransport>(
     listener: TcpListener,
     name: String,
@@ -149,6 +150,7 @@ pub fn serve_tcp<S: ServerTransport, C: ClientTransport>(
     drain: drain::Watch,
     transport: S,
     target: SharedTcpTarget<C>,
+    authz: Option<crate::authz::AuthzLayer>,
 ) -> ListenerHandle {
     spawn_accept_loop(
         listener,
@@ -158,13 +160,21 @@ pub fn serve_tcp<S: ServerTransport, C: ClientTransport>(
         move |stream, peer, drain| {
             let transport = transport.clone();
             let target = target.load_full();
+            let authz = authz.clone();
             async move {
                 // Holding the watch makes shutdown wait (up to the drain
                 // deadline) for the stream to end on its own: a byte stream
                 // cannot be cut at a clean boundary the way HTTP can.
                 let _drain = drain;
                 match transport.accept(stream, peer).await {
-                    Ok(accepted) => tcp::proxy_connection(accepted.io, peer, target).await,
+                    Ok(accepted) => {
+                        let allowed = authz
+                            .as_ref()
+                            .is_none_or(|a| a.allows_connection(accepted.peer_id.as_deref()));
+                        if allowed {
+                            tcp::proxy_connection(accepted.io, peer, target).await;
+                        }
+                    }
                     Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
                 }
             }
