@@ -72,7 +72,7 @@ async fn headers(addr: SocketAddr) -> (u16, Value) {
 struct Mesh {
     _dir: tempfile::TempDir,
     cp: ControlPlane,
-    _app: HttpUpstream,
+    app: HttpUpstream,
     api: Proxy,
     web: Proxy,
     outbound: SocketAddr,
@@ -97,7 +97,7 @@ async fn start(cp_flags: &[&str]) -> Mesh {
     Mesh {
         _dir: dir,
         cp,
-        _app: app,
+        app,
         api,
         web,
         outbound,
@@ -356,4 +356,50 @@ async fn expired_certificates_end_readiness_and_their_connections() {
         headers(m.outbound).await.0 == 502
     })
     .await;
+}
+
+#[tokio::test]
+async fn authz_check_agrees_with_the_data_path() {
+    let m = start(&[]).await;
+    let deny = format!(
+        "{}---\napiVersion: outrigger.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin, namespace: shop}}\n\
+         spec: {{workload: api, action: DENY, rules: [{{to: {{paths: ['/admin/*']}}}}, {{to: {{methods: [DELETE]}}}}]}}\n",
+        mesh(m.app.addr.port())
+    );
+    m.cp.apply(&deny).await;
+    m.cp.wait_synced(2).await;
+    for (method, path, allowed) in [
+        ("GET", "/headers", true),
+        ("POST", "/headers", true),
+        ("GET", "/admin/users", false),
+        ("DELETE", "/headers", false),
+    ] {
+        let out =
+            m.cp.cli()
+                .args(["authz", "check", "--workload", "shop/api", "--from", WEB_ID])
+                .args(["--method", method, "--path", path])
+                .output()
+                .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.success(), allowed, "{method} {path}: {said}");
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", m.outbound))
+            .body(clients::empty())
+            .unwrap();
+        let rsp = clients::http1().request(request).await.unwrap();
+        let status = rsp.status().as_u16();
+        clients::read_body(rsp).await.unwrap();
+        assert_eq!(
+            status != 403,
+            allowed,
+            "{method} {path}: data path said {status}, check said {said}"
+        );
+        if !allowed {
+            assert!(
+                said.starts_with("DENY: denied by AuthorizationPolicy shop/no-admin"),
+                "{said}"
+            );
+        }
+    }
 }

@@ -56,6 +56,7 @@ pub fn router(cp: Cp) -> Router {
         .route("/api/v1/snapshots/{namespace}/{name}", get(snapshot))
         .route("/api/v1/backup", get(backup))
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
+        .route("/api/v1/authz/check", get(authz_check))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API endpoint") })
         .layer(middleware::from_fn_with_state(cp.clone(), require_token))
@@ -817,4 +818,54 @@ async fn revoke_token(State(cp): State<Cp>, Path(id): Path<String>) -> Result<Re
     }
     tracing::info!(%id, "bootstrap token revoked");
     Ok(axum::Json(json!({ "revoked": id })).into_response())
+}
+
+// === Authorization check ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthzQuery {
+    /// `NAME` or `NAMESPACE/NAME`.
+    workload: String,
+    /// The caller's SPIFFE ID.
+    from: Option<String>,
+    method: String,
+    path: String,
+    /// The inbound port; without it, rules that name ports do not match.
+    port: Option<u16>,
+}
+
+/// What the workload's sidecar would decide for such a request over mTLS,
+/// and why: the same matcher the data path runs.
+async fn authz_check(
+    State(cp): State<Cp>,
+    Query(query): Query<AuthzQuery>,
+) -> Result<Response, ApiError> {
+    let workload = outrigger_config::parse_workload_ref(&query.workload)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("workload: {e}")))?;
+    if let Some(from) = &query.from {
+        outrigger_config::check_spiffe_id(from)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("from: {e}")))?;
+    }
+    let state = cp.state();
+    if !state.config.workloads.iter().any(|w| w.id == workload) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Workload {workload} not found"),
+        ));
+    }
+    let authorizer = outrigger_config::authz::Authorizer::for_workload(&state.config, &workload);
+    let decision = authorizer.decide(&outrigger_config::authz::AuthzRequest {
+        principal: query.from.as_deref(),
+        method: &query.method,
+        path: &query.path,
+        port: query.port.unwrap_or(0),
+    });
+    Ok(axum::Json(json!({
+        "revision": state.revision,
+        "workload": workload.to_string(),
+        "allowed": decision.allowed(),
+        "decision": decision.to_string(),
+    }))
+    .into_response())
 }

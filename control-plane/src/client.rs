@@ -698,6 +698,39 @@ pub async fn token_list(api: &Api) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the decision and its reason; returns whether it allows.
+pub async fn authz_check(
+    api: &Api,
+    workload: &str,
+    from: Option<&str>,
+    method: &str,
+    path: &str,
+    port: Option<u16>,
+) -> anyhow::Result<bool> {
+    let mut query = vec![
+        format!("workload={}", encode(workload)),
+        format!("method={}", encode(method)),
+        format!("path={}", encode(path)),
+    ];
+    if let Some(from) = from {
+        query.push(format!("from={}", encode(from)));
+    }
+    if let Some(port) = port {
+        query.push(format!("port={port}"));
+    }
+    let answer = api
+        .get_json(&format!("/api/v1/authz/check?{}", query.join("&")))
+        .await?;
+    let allowed = answer["allowed"].as_bool() == Some(true);
+    say!(
+        "{}: {} (revision {})",
+        if allowed { "ALLOW" } else { "DENY" },
+        answer["decision"].as_str().unwrap_or(""),
+        answer["revision"]
+    );
+    Ok(allowed)
+}
+
 /// The first few changes of a revision, then how many more.
 fn summarize(changes: &[String]) -> String {
     const SHOWN: usize = 3;

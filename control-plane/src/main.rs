@@ -105,6 +105,9 @@ enum Command {
     /// certificate.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// What the current policy decides for a request, and why.
+    #[command(subcommand)]
+    Authz(AuthzCommand),
     /// Check a policy file (multi-document YAML) and report every problem.
     Validate {
         /// The file to check.
@@ -117,6 +120,30 @@ enum Command {
         /// removed afterwards).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthzCommand {
+    /// Ask the control plane what WORKLOAD's sidecar would decide for a
+    /// request (over mTLS) and which rule decides it. Exit code 0 when
+    /// allowed, 1 when denied (like `kubectl auth can-i`).
+    Check {
+        /// NAME or NAMESPACE/NAME.
+        #[arg(long)]
+        workload: String,
+        /// The caller's SPIFFE ID.
+        #[arg(long, value_name = "SPIFFE_ID")]
+        from: Option<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The inbound port (rules that name ports need it).
+        #[arg(long)]
+        port: Option<u16>,
+        #[command(flatten)]
+        connection: Connection,
     },
 }
 
@@ -345,6 +372,28 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::List { connection }) => {
             client::token_list(&Api::new(&connection)?).await
+        }
+        Command::Authz(AuthzCommand::Check {
+            workload,
+            from,
+            method,
+            path,
+            port,
+            connection,
+        }) => {
+            let allowed = client::authz_check(
+                &Api::new(&connection)?,
+                &workload,
+                from.as_deref(),
+                &method,
+                &path,
+                port,
+            )
+            .await?;
+            if !allowed {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Serve(_) | Command::Validate { .. } | Command::Demo { .. } => {
             unreachable!("handled in main")
