@@ -403,3 +403,32 @@ async fn authz_check_agrees_with_the_data_path() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_policy_change_applies_to_the_next_request_not_the_one_in_flight() {
+    let m = start(&[]).await;
+    let outbound = m.outbound;
+    let seen = m.app.requests() + 1;
+    let in_flight = tokio::spawn(async move {
+        clients::http1_get(outbound, "/slow?ms=1000")
+            .await
+            .unwrap()
+            .0
+    });
+    m.app.wait_for_requests(seen).await;
+    let deny = format!(
+        "{}---\napiVersion: outrigger.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: no-slow, namespace: shop}}\n\
+         spec: {{workload: api, action: DENY, rules: [{{to: {{paths: ['/slow']}}}}]}}\n",
+        mesh(m.app.addr.port())
+    );
+    m.cp.apply(&deny).await;
+    m.cp.wait_synced(2).await;
+    let (status, _) = clients::http1_get(outbound, "/slow?ms=1").await.unwrap();
+    assert_eq!(status, 403, "the next request is decided by the new policy");
+    assert_eq!(in_flight.await.unwrap(), 200, "the one in flight finished");
+    assert_eq!(
+        m.app.requests(),
+        seen,
+        "the denied one never reached the app"
+    );
+}
