@@ -8,6 +8,7 @@
 //! matches; a list left out matches anything.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::model::{
     AuthorizationPolicy, AuthzAction, AuthzRule, DefaultAction, MeshConfig, ResourceRef,
@@ -28,7 +29,8 @@ pub struct AuthzRequest<'a> {
 /// A rule, named for logs and `outrigger authz check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleRef {
-    pub policy: String,
+    /// Shared, so a decision naming it costs no allocation per request.
+    pub policy: Arc<str>,
     /// Index in the policy's `rules`.
     pub rule: usize,
 }
@@ -95,9 +97,10 @@ impl Authorizer {
         let mut deny = Vec::new();
         let mut allow = Vec::new();
         for policy in &policies {
+            let name: Arc<str> = Arc::from(policy.id.to_string());
             for (i, rule) in policy.rules.iter().enumerate() {
                 let named = RuleRef {
-                    policy: policy.id.to_string(),
+                    policy: name.clone(),
                     rule: i,
                 };
                 match policy.action {

@@ -365,10 +365,7 @@ fn check_key_matches(chain_pem: &str, key: &KeyPair) -> anyhow::Result<()> {
 }
 
 fn first_pem_block(pem: &str) -> Option<String> {
-    const END: &str = "-----END CERTIFICATE-----";
-    let start = pem.find("-----BEGIN CERTIFICATE-----")?;
-    let end = pem[start..].find(END)? + start + END.len();
-    Some(format!("{}\n", &pem[start..end]))
+    pem_blocks(pem).into_iter().next()
 }
 
 #[cfg(test)]

@@ -104,15 +104,15 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let authorizer = self.layer.authorizer.load();
         if let Some(authorizer) = authorizer.as_ref() {
-            let principal = req.extensions().get::<PeerId>().map(|p| p.0.clone());
+            let principal = req.extensions().get::<PeerId>().map(|p| &*p.0);
             let decision = authorizer.decide(&AuthzRequest {
-                principal: principal.as_deref(),
+                principal,
                 method: req.method().as_str(),
                 path: req.uri().path(),
                 port: self.layer.port,
             });
             if !decision.allowed() {
-                let caller = principal.as_deref().unwrap_or("(no identity)");
+                let caller = principal.unwrap_or("(no identity)");
                 tracing::info!(workload = %self.layer.workload, %caller, method = %req.method(), path = %req.uri().path(), "{decision}");
                 metrics::counter!(DENIED_TOTAL, "workload" => self.layer.workload.to_string(), "identity" => caller.to_string())
                     .increment(1);
