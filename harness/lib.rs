@@ -14,4 +14,20 @@ pub mod proxy;
 pub mod upstream;
 
 pub use mesh::Pair;
+
+/// Polls `check` every 20 ms until it holds; fails the test after 20 s.
+pub async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
 pub use proxy::{Proxy, ProxyBuilder};

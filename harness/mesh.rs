@@ -8,6 +8,17 @@ use std::net::SocketAddr;
 
 use crate::proxy::{Proxy, ProxyBuilder};
 
+/// Lets workload `shop/web` call `shop/api` (enforced over mTLS).
+pub const ALLOW_WEB: &str = "---
+apiVersion: outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: api-callers, namespace: shop}
+spec:
+  workload: api
+  action: ALLOW
+  rules: [{from: {principals: ['spiffe://cluster.local/ns/shop/sa/web']}}]
+";
+
 /// The server side: workload `shop/api` with one inbound listener on any
 /// port, forwarding to `app_port`.
 pub fn server_config(app_port: u16, protocol: &str) -> String {
@@ -21,15 +32,7 @@ spec:
       port: 0
       appPort: {app_port}
       protocol: {protocol}
----
-apiVersion: outrigger.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: api-callers, namespace: shop}}
-spec:
-  workload: api
-  action: ALLOW
-  rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
-"#
+{ALLOW_WEB}"#
     )
 }
 
@@ -153,14 +156,6 @@ metadata: {{name: web, namespace: shop}}
 spec:
   inbound: [{{name: http, port: 0, appPort: 1}}]
   outbound: [{{port: 0, service: api}}]
----
-apiVersion: outrigger.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: api-callers, namespace: shop}}
-spec:
-  workload: api
-  action: ALLOW
-  rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
-"
+{ALLOW_WEB}"
     )
 }

@@ -6,10 +6,11 @@
 //! `api` (no static endpoints), in front of a test app.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outrigger_e2e::clients;
 use outrigger_e2e::control_plane::ControlPlane;
+use outrigger_e2e::eventually;
 use outrigger_e2e::proxy::metric_sum;
 use outrigger_e2e::upstream::HttpUpstream;
 use outrigger_e2e::{Proxy, ProxyBuilder};
@@ -55,19 +56,6 @@ async fn call(web: SocketAddr, path: &str) -> (u16, String) {
 async fn metric(proxy: &Proxy, name: &str) -> f64 {
     let (_, body) = proxy.admin_get("/metrics").await;
     metric_sum(&body, name, &[])
-}
-
-/// Polls until `check` holds (bounded).
-async fn eventually<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 struct Mesh {

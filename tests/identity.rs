@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use outrigger_e2e::clients;
 use outrigger_e2e::control_plane::ControlPlane;
+use outrigger_e2e::eventually;
 use outrigger_e2e::proxy::metric_sum;
 use outrigger_e2e::upstream::HttpUpstream;
 use outrigger_e2e::{Proxy, ProxyBuilder};
@@ -47,19 +48,6 @@ fn sidecar(cp: &ControlPlane, workload: &str, token: &Path) -> ProxyBuilder {
         .arg(token.to_str().unwrap())
         .arg("--proxy-id")
         .arg(workload.replace('/', "-"))
-}
-
-/// Polls until `check` holds (bounded).
-async fn eventually<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn headers(addr: SocketAddr) -> (u16, Value) {
