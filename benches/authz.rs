@@ -74,7 +74,7 @@ fn authorizer(rules: usize) -> Authorizer {
 /// The rule that rule number `i` (0-based, in file order) is.
 fn rule_ref(i: usize) -> RuleRef {
     RuleRef {
-        policy: format!("shop/p{:04}", i / RULES_PER_POLICY),
+        policy: format!("shop/p{:04}", i / RULES_PER_POLICY).into(),
         rule: i % RULES_PER_POLICY,
     }
 }
