@@ -114,6 +114,18 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Every Service this workload may call (its egress allow-list), each
+    /// once, in the order its outbound listeners first name them.
+    pub fn destinations(&self) -> Vec<&ResourceRef> {
+        let mut out: Vec<&ResourceRef> = Vec::new();
+        for service in self.outbound.iter().flat_map(OutboundListener::services) {
+            if !out.contains(&service) {
+                out.push(service);
+            }
+        }
+        out
+    }
+
     /// The SPIFFE ID this workload's certificate carries.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
         format!(
@@ -160,14 +172,40 @@ pub struct InboundListener {
     pub service: Option<ResourceRef>,
 }
 
-/// A local port the app connects to in order to reach `service`.
+/// A local port the app connects to in order to reach the mesh.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutboundListener {
     /// 0 means "any free port" (useful in tests). Unique within the
     /// workload and distinct from its inbound ports.
     pub port: u16,
-    /// An existing Service.
-    pub service: ResourceRef,
+    #[serde(flatten)]
+    pub target: OutboundTarget,
+}
+
+/// Where an outbound listener sends what the app gives it. Together, a
+/// Workload's targets are its egress allow-list: the sidecar carries
+/// nothing to any other destination.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OutboundTarget {
+    /// Every request (or connection) goes to this existing Service.
+    Service(ResourceRef),
+    /// HTTP only: each request's `Host` (or `:authority`) names one of
+    /// these Services (`name`, `name.namespace`, `name.namespace.svc`,
+    /// `name.namespace.svc.cluster.local`); a request for any other host is
+    /// refused by the sidecar. At least one, no repeats, all HTTP.
+    #[serde(rename = "services")]
+    ByHost(Vec<ResourceRef>),
+}
+
+impl OutboundListener {
+    /// The Services this listener may reach.
+    pub fn services(&self) -> &[ResourceRef] {
+        match &self.target {
+            OutboundTarget::Service(service) => std::slice::from_ref(service),
+            OutboundTarget::ByHost(services) => services,
+        }
+    }
 }
 
 /// A destination.

@@ -142,7 +142,13 @@ pub struct RawInbound {
 #[serde(deny_unknown_fields, rename_all = "camelCase", expecting = "a mapping")]
 pub struct RawOutbound {
     pub port: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// Several Services on one port, chosen by the Host header: each
+    /// `NAME` (in `namespace`) or `NAMESPACE/NAME`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
 }
 
@@ -360,11 +366,23 @@ impl From<&Workload> for RawWorkloadSpec {
             idle_timeout: Some(duration(listener.idle_timeout)),
             service: listener.service.as_ref().map(|s| s.name.clone()),
         });
-        let outbound = workload.outbound.iter().map(|listener| RawOutbound {
-            port: Some(listener.port.into()),
-            service: Some(listener.service.name.clone()),
-            namespace: Some(listener.service.namespace.clone()),
-        });
+        let outbound = workload
+            .outbound
+            .iter()
+            .map(|listener| match &listener.target {
+                OutboundTarget::Service(service) => RawOutbound {
+                    port: Some(listener.port.into()),
+                    service: Some(service.name.clone()),
+                    services: None,
+                    namespace: Some(service.namespace.clone()),
+                },
+                OutboundTarget::ByHost(services) => RawOutbound {
+                    port: Some(listener.port.into()),
+                    service: None,
+                    services: Some(services.iter().map(ToString::to_string).collect()),
+                    namespace: None,
+                },
+            });
         Self {
             service_account: Some(workload.service_account.clone()),
             inbound: Some(inbound.collect()),

@@ -242,7 +242,8 @@ pub(crate) fn validate(
 }
 
 /// An inbound listener serves its Service's clients, so it must speak the
-/// Service's protocol. Checked once every Service is known.
+/// Service's protocol; a Host-routed outbound listener reaches HTTP
+/// Services only. Checked once every Service is known.
 fn check_served_protocols(
     source: &str,
     documents: &[Document],
@@ -266,6 +267,24 @@ fn check_served_protocols(
             resource: Some(document.resource()),
             errors,
         };
+        for (i, listener) in workload.outbound.iter().enumerate() {
+            let OutboundTarget::ByHost(targets) = &listener.target else {
+                continue;
+            };
+            for (j, target) in targets.iter().enumerate() {
+                if let Some(service) = services.get(target)
+                    && service.protocol != Protocol::Http
+                {
+                    ctx.err(
+                        &format!("spec.outbound[{i}].services[{j}]"),
+                        format!(
+                            "Service {target} speaks {}; a port shared by several Services routes on the Host header, so it carries HTTP only (give {target} a port of its own with service: {})",
+                            service.protocol, target.name
+                        ),
+                    );
+                }
+            }
+        }
         for (i, listener) in workload.inbound.iter().enumerate() {
             let Some(served) = &listener.service else {
                 continue;
@@ -414,20 +433,47 @@ fn validate_workload(
         let field = format!("spec.outbound[{i}]");
         let port: u16 = ctx.int(&format!("{field}.port"), raw.port, None, 0..=65535);
         claim(ctx, format!("{field}.port"), port);
-        let name = ctx.required_label(&format!("{field}.service"), raw.service.as_ref());
         let namespace = match &raw.namespace {
             Some(ns) => ctx.label(&format!("{field}.namespace"), ns),
             None => Some(id.namespace.clone()),
         };
-        let service = match (namespace, name) {
-            (Some(namespace), Some(name)) => {
-                let service = ResourceRef::new(namespace, name);
-                known.check(ctx, &format!("{field}.service"), Kind::Service, &service);
-                service
+        let target = match (&raw.service, &raw.services) {
+            (Some(_), Some(_)) => {
+                ctx.err(
+                    &format!("{field}.services"),
+                    "give either service (every request on this port goes there) or services (several Services on one port, chosen by the Host header), not both",
+                );
+                OutboundTarget::ByHost(Vec::new())
             }
-            _ => ResourceRef::new("", ""),
+            (None, None) => {
+                ctx.err(
+                    &format!("{field}.service"),
+                    "required: service (every request on this port goes there) or services (several Services on one port, chosen by the Host header)",
+                );
+                OutboundTarget::ByHost(Vec::new())
+            }
+            (Some(name), None) => {
+                let field = format!("{field}.service");
+                let name = ctx.label(&field, name);
+                let service = match (namespace, name) {
+                    (Some(namespace), Some(name)) => {
+                        let service = ResourceRef::new(namespace, name);
+                        known.check(ctx, &field, Kind::Service, &service);
+                        service
+                    }
+                    _ => ResourceRef::new("", ""),
+                };
+                OutboundTarget::Service(service)
+            }
+            (None, Some(names)) => OutboundTarget::ByHost(host_routed_services(
+                ctx,
+                &format!("{field}.services"),
+                names,
+                namespace.as_deref(),
+                known,
+            )),
         };
-        outbound.push(OutboundListener { port, service });
+        outbound.push(OutboundListener { port, target });
     }
 
     Workload {
@@ -436,6 +482,52 @@ fn validate_workload(
         inbound,
         outbound,
     }
+}
+
+/// The `services` of a Host-routed outbound listener: each `NAME` (in
+/// `namespace`) or `NAMESPACE/NAME`, existing, listed once.
+fn host_routed_services(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    names: &[String],
+    namespace: Option<&str>,
+    known: &Known,
+) -> Vec<ResourceRef> {
+    if names.is_empty() {
+        ctx.err(
+            field,
+            "an empty list lets the app reach nothing on this port: name at least one Service, or remove the listener",
+        );
+    }
+    let mut seen: HashMap<ResourceRef, usize> = HashMap::new();
+    let mut services = Vec::new();
+    for (j, entry) in names.iter().enumerate() {
+        let field = format!("{field}[{j}]");
+        let parsed = match entry.split_once('/') {
+            Some((ns, name)) => ctx
+                .label(&field, ns)
+                .zip(ctx.label(&field, name))
+                .map(|(ns, name)| ResourceRef::new(ns, name)),
+            None => ctx
+                .label(&field, entry)
+                .zip(namespace)
+                .map(|(name, ns)| ResourceRef::new(ns, name)),
+        };
+        let Some(service) = parsed else {
+            continue;
+        };
+        if let Some(first) = seen.get(&service) {
+            ctx.err(
+                &field,
+                format!("Service {service} is already listed at [{first}]"),
+            );
+            continue;
+        }
+        known.check(ctx, &field, Kind::Service, &service);
+        seen.insert(service.clone(), j);
+        services.push(service);
+    }
+    services
 }
 
 fn validate_service(

@@ -42,7 +42,10 @@ fn example_loads() {
         web.spiffe_id(&config.mesh.trust_domain),
         "spiffe://cluster.local/ns/shop/sa/web"
     );
-    assert_eq!(web.outbound[0].service, ResourceRef::new("shop", "api"));
+    assert_eq!(
+        web.outbound[0].services(),
+        [ResourceRef::new("shop", "api")]
+    );
     assert_eq!(config.authorization_policies.len(), 3);
 }
 
@@ -509,7 +512,10 @@ fn resource_defaults() {
     assert_eq!(web.inbound[0].name, "port-4144");
     assert_eq!(web.inbound[0].protocol, Protocol::Http);
     assert_eq!(web.inbound[0].idle_timeout, Duration::from_secs(3600));
-    assert_eq!(web.outbound[0].service, ResourceRef::new("shop", "api"));
+    assert_eq!(
+        web.outbound[0].services(),
+        [ResourceRef::new("shop", "api")]
+    );
 
     let service = config.service(&ResourceRef::new("shop", "api")).unwrap();
     assert_eq!(service.identity, None);

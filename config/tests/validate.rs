@@ -161,7 +161,7 @@ fn workload_fields() {
     assert_eq!(w.inbound[0].protocol, Protocol::Tcp);
     assert_eq!(w.inbound[0].idle_timeout, Duration::from_secs(90));
     assert_eq!(w.inbound[1].name, "port-0");
-    assert_eq!(w.outbound[2].service, ResourceRef::new("ops", "db"));
+    assert_eq!(w.outbound[2].services(), [ResourceRef::new("ops", "db")]);
 }
 
 #[test]
@@ -332,6 +332,82 @@ fn outbound_service() {
         "spec.outbound[0].service",
         "no Service ops/api; namespace \"ops\" has no Services",
     );
+}
+
+#[test]
+fn host_routed_outbound_services() {
+    let config = ok(&with_base(&[
+        doc(
+            "Workload",
+            "subject",
+            &format!(
+                "{{{INBOUND}, outbound: [{{port: 4140, services: [api, ops/db]}}, {{port: 0, service: api}}]}}"
+            ),
+        ),
+        doc("Service", "db", "{}").replace("namespace: shop", "namespace: ops"),
+    ]));
+    let w = config.workload(None, "subject").unwrap();
+    let api = ResourceRef::new("shop", "api");
+    let db = ResourceRef::new("ops", "db");
+    assert_eq!(
+        w.outbound[0].target,
+        OutboundTarget::ByHost(vec![api.clone(), db.clone()])
+    );
+    assert_eq!(w.destinations(), [&api, &db], "each once, in order");
+    // The stored form reads back the same.
+    let again = ok(&to_yaml(&config));
+    assert_eq!(again.workload(None, "subject").unwrap(), w);
+}
+
+#[test]
+fn host_routed_outbound_errors() {
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1, service: api, services: [api]}}]}}"),
+        "spec.outbound[0].services",
+        "give either service",
+    );
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1, services: []}}]}}"),
+        "spec.outbound[0].services",
+        "an empty list lets the app reach nothing",
+    );
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1, services: [api, shop/api]}}]}}"),
+        "spec.outbound[0].services[1]",
+        "Service shop/api is already listed at [0]",
+    );
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1, services: [api, apii]}}]}}"),
+        "spec.outbound[0].services[1]",
+        "no Service shop/apii; Services in namespace \"shop\": api",
+    );
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1, services: [a/b/c]}}]}}"),
+        "spec.outbound[0].services[0]",
+        "may contain only lowercase letters",
+    );
+    workload_error(
+        &format!("{{{INBOUND}, outbound: [{{port: 1, services: api}}]}}"),
+        "spec.outbound[0].services",
+        "a sequence",
+    );
+}
+
+#[test]
+fn host_routed_outbound_carries_http_only() {
+    let error = assert_error(
+        &with_base(&[
+            doc(
+                "Workload",
+                "subject",
+                &format!("{{{INBOUND}, outbound: [{{port: 1, services: [api, db]}}]}}"),
+            ),
+            doc("Service", "db", "{protocol: tcp}"),
+        ]),
+        "spec.outbound[0].services[1]",
+        "Service shop/db speaks tcp; a port shared by several Services routes on the Host header",
+    );
+    assert_eq!(error.resource.as_deref(), Some("Workload shop/subject"));
 }
 
 #[test]

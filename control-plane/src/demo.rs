@@ -149,8 +149,9 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
     );
     let to_api = web.listener("outbound/shop/api")?;
     let to_billing = web.listener("outbound/shop/billing")?;
+    let by_host = web.listener("outbound/by-host")?;
     println!(
-        "  web sidecar    outbound {to_api} → service shop/api, {to_billing} → service shop/billing (admin {})",
+        "  web sidecar    outbound {to_api} → service shop/api, {to_billing} → service shop/billing, {by_host} → by Host header: shop/api only (admin {})",
         web.admin
     );
     println!(
@@ -220,6 +221,23 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         what: "HTTP/2 web → api, still HTTP/2 at the app",
         ok: status == StatusCode::OK && seen["version"] == "HTTP/2.0",
         detail: format!("{status}, app saw {}", seen["version"]),
+    });
+
+    // 2b. The shared port routes on Host, and only to what web declares.
+    let host_get = |host: &str| {
+        Request::get(format!("http://{by_host}/hello"))
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+    };
+    let (to_declared, _) = send(&h1, host_get("api.shop")?).await?;
+    let (to_undeclared, body) = send(&h1, host_get("payments.shop")?).await?;
+    steps.push(Step {
+        what: "egress allow-list: the shared port reaches declared services only",
+        ok: to_declared == StatusCode::OK && to_undeclared == StatusCode::FORBIDDEN,
+        detail: format!(
+            "Host: api.shop → {to_declared}; Host: payments.shop → {to_undeclared}: {}",
+            first_line(&body)
+        ),
     });
 
     // 3. A slow answer (1 s) hits the 500ms request timeout in the TrafficPolicy.
@@ -635,7 +653,9 @@ spec:
   action: ALLOW
   rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
 ---
-# web calls two services through local ports.
+# web calls two services through ports of their own, and api through a
+# port shared by Host header too. These are all it may reach: its egress
+# allow-list.
 apiVersion: outrigger.io/v1alpha1
 kind: Workload
 metadata: {{name: web, namespace: shop}}
@@ -649,6 +669,8 @@ spec:
       service: api
     - port: 0
       service: billing
+    - port: 0
+      services: [api]    # any other Host is refused by the sidecar
 ---
 apiVersion: outrigger.io/v1alpha1
 kind: Service

@@ -96,8 +96,9 @@ fn build_snapshot(
 ) -> Option<String> {
     let workload = config.workloads.iter().find(|w| &w.id == id)?;
     let mut services = BTreeMap::new();
-    for listener in &workload.outbound {
-        let Some(service) = config.service(&listener.service) else {
+    let destinations = workload.destinations();
+    for destination in &destinations {
+        let Some(service) = config.service(destination) else {
             continue;
         };
         let mut service = service.clone();
@@ -130,7 +131,7 @@ fn build_snapshot(
     let traffic_policies = config
         .traffic_policies
         .iter()
-        .filter(|p| workload.outbound.iter().any(|l| l.service == p.service))
+        .filter(|p| destinations.contains(&&p.service))
         .cloned()
         .collect();
     let subset = MeshConfig {

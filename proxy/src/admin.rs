@@ -158,9 +158,9 @@ fn applied_json(applied: &Applied, draining: bool) -> serde_json::Value {
     let workload = config.workloads.iter().find(|w| w.id == loaded.workload);
     let services: Vec<_> = workload
         .map(|w| {
-            w.outbound
-                .iter()
-                .filter_map(|o| config.service(&o.service))
+            w.destinations()
+                .into_iter()
+                .filter_map(|s| config.service(s))
                 .collect()
         })
         .unwrap_or_default();

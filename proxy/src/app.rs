@@ -234,11 +234,11 @@ impl Running {
 /// including those that expect mTLS (and will refuse it): say so.
 fn warn_plaintext_to_mesh(specs: &[apply::ListenerSpec]) {
     for spec in specs {
-        if let apply::RouteSpec::Outbound {
-            service, endpoints, ..
-        } = &spec.route
-            && let Some(expected) = endpoints.iter().find(|e| !e.identities.is_empty())
-        {
+        for route in spec.route.outbound_routes() {
+            let service = &route.service;
+            let Some(expected) = route.endpoints.iter().find(|e| !e.identities.is_empty()) else {
+                continue;
+            };
             tracing::warn!(
                 %service,
                 identity = %expected.identities.join(" or "),
@@ -281,8 +281,8 @@ fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
     let Some(w) = config.workloads.iter().find(|w| &w.id == workload) else {
         return out;
     };
-    for listener in &w.outbound {
-        if let Some(p) = config.traffic_policy_for(&listener.service) {
+    for service in w.destinations() {
+        if let Some(p) = config.traffic_policy_for(service) {
             let mut parts = Vec::new();
             if p.retries.is_some() {
                 parts.push("retries");

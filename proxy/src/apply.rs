@@ -18,14 +18,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use outrigger_config::{Protocol, Timeouts};
+use outrigger_config::{MeshConfig, OutboundTarget, Protocol, ResourceRef, Timeouts};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tower::util::BoxCloneSyncService;
 
 use crate::app::ProxyOptions;
 use crate::authz::{AuthzLayer, SharedAuthorizer};
 use crate::balance::RoundRobin;
 use crate::drain;
+use crate::egress::{ByHost, HostRoute, HostTable, SharedHostTable};
 use crate::forward::{Destination, SharedDestination};
 use crate::http::client::ClientSettings;
 use crate::http::server::ServerSettings;
@@ -123,11 +125,63 @@ pub enum RouteSpec {
         idle_timeout: Duration,
     },
     /// To the endpoints of a service.
-    Outbound {
-        service: String,
-        endpoints: Vec<EndpointSpec>,
-        timeouts: Timeouts,
+    Outbound(OutboundRoute),
+    /// To one of several services, chosen by each request's host; any
+    /// other host is refused (the egress allow-list).
+    ByHost {
+        /// The workload this sidecar runs: short host names resolve in
+        /// its namespace.
+        workload: ResourceRef,
+        routes: Vec<OutboundRoute>,
     },
+}
+
+impl RouteSpec {
+    /// The services this route reaches.
+    pub fn outbound_routes(&self) -> &[OutboundRoute] {
+        match self {
+            RouteSpec::Inbound { .. } => &[],
+            RouteSpec::Outbound(route) => std::slice::from_ref(route),
+            RouteSpec::ByHost { routes, .. } => routes,
+        }
+    }
+}
+
+/// One service, and how its requests are sent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboundRoute {
+    pub service: ResourceRef,
+    pub endpoints: Vec<EndpointSpec>,
+    pub timeouts: Timeouts,
+}
+
+impl OutboundRoute {
+    /// Each endpoint with how to reach it: over mTLS when this sidecar has
+    /// an identity and the endpoint is in the mesh.
+    fn endpoints(&self, tls: Option<&MeshTls>) -> Vec<(SocketAddr, ClientSide)> {
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let transport = match tls {
+                    Some(tls) => tls.client_side(&e.identities),
+                    None => ClientSide::Plaintext,
+                };
+                (e.addr, transport)
+            })
+            .collect()
+    }
+
+    fn client_settings(&self, server: &ServerSettings) -> ClientSettings {
+        ClientSettings {
+            connect_timeout: self.timeouts.connect,
+            pool_idle_timeout: self.timeouts.idle.min(Duration::from_secs(90)),
+            max_header_bytes: server.max_header_bytes,
+        }
+    }
+
+    fn name(&self) -> Arc<str> {
+        Arc::from(self.service.to_string())
+    }
 }
 
 /// One endpoint of a service, and who must answer there.
@@ -142,40 +196,50 @@ pub struct EndpointSpec {
 /// For log lines: one short line however many endpoints a service has.
 impl fmt::Display for RouteSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        /// Endpoints named in full before the rest is counted.
-        const SHOWN: usize = 3;
         match self {
             RouteSpec::Inbound {
                 workload,
                 app,
                 idle_timeout,
             } => write!(f, "{workload} app {app} (idle {idle_timeout:?})"),
-            RouteSpec::Outbound {
-                service,
-                endpoints,
-                timeouts,
-            } => {
-                write!(f, "{service} [")?;
-                for (i, endpoint) in endpoints.iter().take(SHOWN).enumerate() {
+            RouteSpec::Outbound(route) => write!(f, "{route}"),
+            RouteSpec::ByHost { routes, .. } => {
+                f.write_str("by host: ")?;
+                for (i, route) in routes.iter().enumerate() {
                     if i > 0 {
-                        f.write_str(", ")?;
+                        f.write_str("; ")?;
                     }
-                    write!(f, "{}", endpoint.addr)?;
+                    write!(f, "{route}")?;
                 }
-                if endpoints.len() > SHOWN {
-                    write!(f, ", … {} more", endpoints.len() - SHOWN)?;
-                }
-                let request = match timeouts.request {
-                    Some(d) => format!("{d:?}"),
-                    None => "none".to_string(),
-                };
-                write!(
-                    f,
-                    "] (request timeout {request}, connect {:?})",
-                    timeouts.connect
-                )
+                Ok(())
             }
         }
+    }
+}
+
+impl fmt::Display for OutboundRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// Endpoints named in full before the rest is counted.
+        const SHOWN: usize = 3;
+        write!(f, "{} [", self.service)?;
+        for (i, endpoint) in self.endpoints.iter().take(SHOWN).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{}", endpoint.addr)?;
+        }
+        if self.endpoints.len() > SHOWN {
+            write!(f, ", … {} more", self.endpoints.len() - SHOWN)?;
+        }
+        let request = match self.timeouts.request {
+            Some(d) => format!("{d:?}"),
+            None => "none".to_string(),
+        };
+        write!(
+            f,
+            "] (request timeout {request}, connect {:?})",
+            self.timeouts.connect
+        )
     }
 }
 
@@ -215,47 +279,78 @@ pub fn listener_specs(
         });
     }
     for spec in &workload.outbound {
-        let service = config.service(&spec.service).ok_or_else(|| {
-            ApplyError::Inconsistent(format!(
-                "service {} of the outbound listener on port {} is not in the configuration",
-                spec.service, spec.port
-            ))
-        })?;
-        let timeouts = config
-            .traffic_policy_for(&service.id)
-            .map(|p| p.timeouts.clone())
-            .unwrap_or_default();
-        let service_identities: Arc<[String]> = config.service_identities(service).into();
-        let endpoints = service
-            .endpoints
-            .iter()
-            .map(|e| EndpointSpec {
-                addr: e.address,
-                identities: match &e.identity {
-                    Some(id) => Arc::from([id.clone()]),
-                    None => service_identities.clone(),
-                },
-            })
-            .collect();
+        let (name, protocol, route) = match &spec.target {
+            OutboundTarget::Service(service) => {
+                let (route, protocol) = outbound_route(config, service, spec.port)?;
+                (service.to_string(), protocol, RouteSpec::Outbound(route))
+            }
+            OutboundTarget::ByHost(services) => {
+                let routes = services
+                    .iter()
+                    .map(|s| outbound_route(config, s, spec.port).map(|(route, _)| route))
+                    .collect::<Result<_, _>>()?;
+                let route = RouteSpec::ByHost {
+                    workload: workload.id.clone(),
+                    routes,
+                };
+                (BY_HOST.to_string(), Protocol::Http, route)
+            }
+        };
         specs.push(ListenerSpec {
             key: ListenerKey {
                 direction: Direction::Outbound,
                 port: spec.port,
-                name: service.id.to_string(),
-                protocol: service.protocol,
+                name: name.clone(),
+                protocol,
                 ordinal: 0,
             },
-            name: format!("outbound/{}", service.id),
+            name: format!("outbound/{name}"),
             bind: SocketAddr::new(options.outbound_ip, spec.port),
-            route: RouteSpec::Outbound {
-                service: service.id.to_string(),
-                endpoints,
-                timeouts,
-            },
+            route,
         });
     }
     number_duplicates(&mut specs);
     Ok(specs)
+}
+
+/// The name of a shared, Host-routed outbound listener (`outbound/by-host`
+/// in logs and `/config`); no Service is named like this (names have a
+/// namespace).
+const BY_HOST: &str = "by-host";
+
+/// How requests to `id` are sent, and its protocol.
+fn outbound_route(
+    config: &MeshConfig,
+    id: &ResourceRef,
+    port: u16,
+) -> Result<(OutboundRoute, Protocol), ApplyError> {
+    let service = config.service(id).ok_or_else(|| {
+        ApplyError::Inconsistent(format!(
+            "service {id} of the outbound listener on port {port} is not in the configuration"
+        ))
+    })?;
+    let timeouts = config
+        .traffic_policy_for(&service.id)
+        .map(|p| p.timeouts.clone())
+        .unwrap_or_default();
+    let service_identities: Arc<[String]> = config.service_identities(service).into();
+    let endpoints = service
+        .endpoints
+        .iter()
+        .map(|e| EndpointSpec {
+            addr: e.address,
+            identities: match &e.identity {
+                Some(id) => Arc::from([id.clone()]),
+                None => service_identities.clone(),
+            },
+        })
+        .collect();
+    let route = OutboundRoute {
+        service: service.id.clone(),
+        endpoints,
+        timeouts,
+    };
+    Ok((route, service.protocol))
 }
 
 fn number_duplicates(specs: &mut [ListenerSpec]) {
@@ -276,39 +371,171 @@ fn number_duplicates(specs: &mut [ListenerSpec]) {
 /// key, so a kept listener's route never changes kind.
 #[derive(Clone, Debug)]
 enum Route {
-    Http {
-        destination: SharedDestination<ClientSide>,
-        timeout: SharedTimeout,
-    },
+    Http(HttpRoute),
+    /// A shared outbound port: one [`HttpRoute`] per service.
+    ByHost(SharedHostTable<HttpRoute>),
     Tcp(SharedTcpTarget<ClientSide>),
+}
+
+/// What a configuration change swaps under an HTTP stack.
+#[derive(Clone, Debug)]
+struct HttpRoute {
+    destination: SharedDestination<ClientSide>,
+    timeout: SharedTimeout,
+}
+
+impl HttpRoute {
+    fn new(
+        name: Arc<str>,
+        endpoints: &[(SocketAddr, ClientSide)],
+        settings: &ClientSettings,
+        timeout: Option<Duration>,
+    ) -> Self {
+        Self {
+            destination: Arc::new(ArcSwap::from_pointee(Destination::new(
+                name, endpoints, settings,
+            ))),
+            timeout: Arc::new(ArcSwap::from_pointee(timeout)),
+        }
+    }
+
+    fn update(
+        &self,
+        name: Arc<str>,
+        endpoints: &[(SocketAddr, ClientSide)],
+        settings: &ClientSettings,
+        timeout: Option<Duration>,
+    ) {
+        let previous = self.destination.load_full();
+        self.destination.store(Arc::new(Destination::reusing(
+            Some(&previous),
+            name,
+            endpoints,
+            settings,
+        )));
+        self.timeout.store(Arc::new(timeout));
+    }
+
+    fn for_service(route: &OutboundRoute, server: &ServerSettings, tls: Option<&MeshTls>) -> Self {
+        Self::new(
+            route.name(),
+            &route.endpoints(tls),
+            &route.client_settings(server),
+            route.timeouts.request,
+        )
+    }
+
+    fn update_service(
+        &self,
+        route: &OutboundRoute,
+        server: &ServerSettings,
+        tls: Option<&MeshTls>,
+    ) {
+        self.update(
+            route.name(),
+            &route.endpoints(tls),
+            &route.client_settings(server),
+            route.timeouts.request,
+        );
+    }
 }
 
 impl Route {
     fn new(spec: &ListenerSpec, server: &ServerSettings, tls: Option<&MeshTls>) -> Self {
-        match spec.key.protocol {
-            Protocol::Http => Route::Http {
-                destination: Arc::new(ArcSwap::from_pointee(destination(spec, None, server, tls))),
-                timeout: Arc::new(ArcSwap::from_pointee(request_timeout(&spec.route))),
-            },
-            Protocol::Tcp => Route::Tcp(Arc::new(ArcSwap::from_pointee(tcp_target(spec, tls)))),
+        match (&spec.route, spec.key.protocol) {
+            (RouteSpec::ByHost { workload, routes }, _) => Route::ByHost(Arc::new(
+                ArcSwap::from_pointee(host_table(workload, routes, None, server, tls)),
+            )),
+            (RouteSpec::Inbound { workload, app, .. }, Protocol::Http) => {
+                Route::Http(HttpRoute::new(
+                    Arc::from(workload.as_str()),
+                    &[(*app, ClientSide::Plaintext)],
+                    &inbound_client_settings(server),
+                    None,
+                ))
+            }
+            (RouteSpec::Outbound(route), Protocol::Http) => {
+                Route::Http(HttpRoute::for_service(route, server, tls))
+            }
+            (_, Protocol::Tcp) => {
+                Route::Tcp(Arc::new(ArcSwap::from_pointee(tcp_target(spec, tls))))
+            }
         }
     }
 
     /// Swaps in what `spec` asks for. Requests and connections in flight
     /// keep the route they started with.
     fn update(&self, spec: &ListenerSpec, server: &ServerSettings, tls: Option<&MeshTls>) {
-        match self {
-            Route::Http {
-                destination: shared,
-                timeout,
-            } => {
-                let previous = shared.load_full();
-                shared.store(Arc::new(destination(spec, Some(&previous), server, tls)));
-                timeout.store(Arc::new(request_timeout(&spec.route)));
+        match (self, &spec.route) {
+            (Route::Http(http), RouteSpec::Inbound { workload, app, .. }) => http.update(
+                Arc::from(workload.as_str()),
+                &[(*app, ClientSide::Plaintext)],
+                &inbound_client_settings(server),
+                None,
+            ),
+            (Route::Http(http), RouteSpec::Outbound(route)) => {
+                http.update_service(route, server, tls)
             }
-            Route::Tcp(target) => target.store(Arc::new(tcp_target(spec, tls))),
+            (Route::ByHost(table), RouteSpec::ByHost { workload, routes }) => {
+                let previous = table.load_full();
+                table.store(Arc::new(host_table(
+                    workload,
+                    routes,
+                    Some(&previous),
+                    server,
+                    tls,
+                )));
+            }
+            (Route::Tcp(target), _) => target.store(Arc::new(tcp_target(spec, tls))),
+            // The key (protocol and name) stays the same for a kept
+            // listener, and with it the kind of route.
+            (route, spec_route) => tracing::error!(
+                "internal error: listener {} kept with a route of another kind ({route:?} vs {spec_route})",
+                spec.name
+            ),
         }
     }
+}
+
+/// The shared port's table. A service `previous` already routes keeps
+/// its stack, its pooled connections and its requests in flight; only
+/// its destination and timeout are updated.
+fn host_table(
+    workload: &ResourceRef,
+    routes: &[OutboundRoute],
+    previous: Option<&HostTable<HttpRoute>>,
+    server: &ServerSettings,
+    tls: Option<&MeshTls>,
+) -> HostTable<HttpRoute> {
+    let routes = routes
+        .iter()
+        .map(|route| {
+            let kept = previous
+                .into_iter()
+                .flat_map(|p| p.routes())
+                .find(|r| r.service == route.service);
+            match kept {
+                Some(kept) => {
+                    kept.state.update_service(route, server, tls);
+                    kept.clone()
+                }
+                None => {
+                    let state = HttpRoute::for_service(route, server, tls);
+                    let stack = outbound::http_stack(
+                        route.name(),
+                        state.destination.clone(),
+                        state.timeout.clone(),
+                    );
+                    HostRoute {
+                        service: route.service.clone(),
+                        state,
+                        stack,
+                    }
+                }
+            }
+        })
+        .collect();
+    HostTable::new(workload, routes)
 }
 
 /// The service (outbound) or workload (inbound) name errors and request
@@ -316,72 +543,42 @@ impl Route {
 fn target_name(route: &RouteSpec) -> Arc<str> {
     match route {
         RouteSpec::Inbound { workload, .. } => Arc::from(workload.as_str()),
-        RouteSpec::Outbound { service, .. } => Arc::from(service.as_str()),
+        RouteSpec::Outbound(route) => route.name(),
+        RouteSpec::ByHost { .. } => Arc::from(BY_HOST),
     }
 }
 
-/// Each endpoint with how to reach it: the local app in plaintext; a
-/// service's endpoints over mTLS when this sidecar has an identity and
-/// the endpoint is in the mesh.
-fn endpoints(route: &RouteSpec, tls: Option<&MeshTls>) -> Vec<(SocketAddr, ClientSide)> {
-    match route {
-        RouteSpec::Inbound { app, .. } => vec![(*app, ClientSide::Plaintext)],
-        RouteSpec::Outbound { endpoints, .. } => endpoints
-            .iter()
-            .map(|e| {
-                let transport = match tls {
-                    Some(tls) => tls.client_side(&e.identities),
-                    None => ClientSide::Plaintext,
-                };
-                (e.addr, transport)
-            })
-            .collect(),
+fn inbound_client_settings(server: &ServerSettings) -> ClientSettings {
+    ClientSettings {
+        max_header_bytes: server.max_header_bytes,
+        ..ClientSettings::default()
     }
-}
-
-fn request_timeout(route: &RouteSpec) -> Option<Duration> {
-    match route {
-        RouteSpec::Inbound { .. } => None,
-        RouteSpec::Outbound { timeouts, .. } => timeouts.request,
-    }
-}
-
-fn client_settings(route: &RouteSpec, server: &ServerSettings) -> ClientSettings {
-    match route {
-        RouteSpec::Inbound { .. } => ClientSettings {
-            max_header_bytes: server.max_header_bytes,
-            ..ClientSettings::default()
-        },
-        RouteSpec::Outbound { timeouts, .. } => ClientSettings {
-            connect_timeout: timeouts.connect,
-            pool_idle_timeout: timeouts.idle.min(Duration::from_secs(90)),
-            max_header_bytes: server.max_header_bytes,
-        },
-    }
-}
-
-fn destination(
-    spec: &ListenerSpec,
-    previous: Option<&Destination<ClientSide>>,
-    server: &ServerSettings,
-    tls: Option<&MeshTls>,
-) -> Destination<ClientSide> {
-    Destination::reusing(
-        previous,
-        target_name(&spec.route),
-        &endpoints(&spec.route, tls),
-        &client_settings(&spec.route, server),
-    )
 }
 
 fn tcp_target(spec: &ListenerSpec, tls: Option<&MeshTls>) -> TcpTarget<ClientSide> {
-    let (connect_timeout, idle_timeout) = match &spec.route {
-        RouteSpec::Inbound { idle_timeout, .. } => (Timeouts::default().connect, *idle_timeout),
-        RouteSpec::Outbound { timeouts, .. } => (timeouts.connect, timeouts.idle),
+    let (endpoints, connect_timeout, idle_timeout) = match &spec.route {
+        RouteSpec::Inbound {
+            app, idle_timeout, ..
+        } => (
+            vec![(*app, ClientSide::Plaintext)],
+            Timeouts::default().connect,
+            *idle_timeout,
+        ),
+        RouteSpec::Outbound(route) => (
+            route.endpoints(tls),
+            route.timeouts.connect,
+            route.timeouts.idle,
+        ),
+        // Validation keeps Host-routed listeners to HTTP.
+        RouteSpec::ByHost { .. } => (
+            Vec::new(),
+            Timeouts::default().connect,
+            Timeouts::default().idle,
+        ),
     };
     TcpTarget {
         name: target_name(&spec.route),
-        endpoints: RoundRobin::new(endpoints(&spec.route, tls)),
+        endpoints: RoundRobin::new(endpoints),
         connect_timeout,
         idle_timeout,
         counters: ByteCounters::new(direction_label(spec.key.direction), &spec.name),
@@ -415,7 +612,12 @@ impl Active {
             addr: self.addr,
             target: match &self.spec.route {
                 RouteSpec::Inbound { app, .. } => app.to_string(),
-                RouteSpec::Outbound { service, .. } => service.clone(),
+                RouteSpec::Outbound(route) => route.service.to_string(),
+                RouteSpec::ByHost { routes, .. } => routes
+                    .iter()
+                    .map(|r| r.service.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
             },
         }
     }
@@ -443,33 +645,35 @@ fn serve(
         error,
     })?;
     let metrics = ConnectionMetrics::new(direction_label(spec.key.direction), &spec.name);
-    let handle = match &route {
-        Route::Http {
-            destination,
-            timeout,
-        } => {
+    // An HTTP stack to serve, or a TCP target to copy bytes to.
+    let stack = match &route {
+        Route::Tcp(target) => Err(target),
+        Route::ByHost(table) => Ok(BoxCloneSyncService::new(ByHost::new(table.clone()))),
+        Route::Http(http) => {
             let name = target_name(&spec.route);
-            let stack = match spec.key.direction {
+            Ok(match spec.key.direction {
                 Direction::Inbound => inbound::http_stack(
                     name.clone(),
-                    destination.clone(),
+                    http.destination.clone(),
                     AuthzLayer::new(authorizer.clone(), name, addr.port()),
                 ),
                 Direction::Outbound => {
-                    outbound::http_stack(name, destination.clone(), timeout.clone())
+                    outbound::http_stack(name, http.destination.clone(), http.timeout.clone())
                 }
-            };
-            listener::serve_http(
-                tcp,
-                spec.name.clone(),
-                metrics,
-                watch.clone(),
-                transport,
-                stack,
-                server.clone(),
-            )
+            })
         }
-        Route::Tcp(target) => listener::serve_tcp(
+    };
+    let handle = match stack {
+        Ok(stack) => listener::serve_http(
+            tcp,
+            spec.name.clone(),
+            metrics,
+            watch.clone(),
+            transport,
+            stack,
+            server.clone(),
+        ),
+        Err(target) => listener::serve_tcp(
             tcp,
             spec.name.clone(),
             metrics,
@@ -710,7 +914,7 @@ mod tests {
     const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     /// Workload shop/web with one inbound listener, `outbound` as its
-    /// outbound list, and services api (http) and db (tcp).
+    /// outbound list, and services api and pay (http) and db (tcp).
     fn specs(inbound: &str, outbound: &str, api_endpoint: &str) -> Vec<ListenerSpec> {
         let yaml = format!(
             r#"apiVersion: outrigger.io/v1alpha1
@@ -732,6 +936,12 @@ metadata: {{name: db, namespace: shop}}
 spec:
   protocol: tcp
   endpoints: [{{address: "127.0.0.1:5432"}}]
+---
+apiVersion: outrigger.io/v1alpha1
+kind: Service
+metadata: {{name: pay, namespace: shop}}
+spec:
+  endpoints: [{{address: "127.0.0.1:9002"}}]
 "#
         );
         let loaded = crate::app::load_str("test", &yaml, "shop/web").expect("valid config");
@@ -748,8 +958,8 @@ spec:
             "shop/web app 127.0.0.1:9 (idle 3600s)"
         );
         let mut route = specs[1].route.clone();
-        if let RouteSpec::Outbound { endpoints, .. } = &mut route {
-            *endpoints = (1..=5)
+        if let RouteSpec::Outbound(route) = &mut route {
+            route.endpoints = (1..=5)
                 .map(|p| EndpointSpec {
                     addr: SocketAddr::new(LOCALHOST, p),
                     identities: Arc::from([]),
@@ -782,7 +992,7 @@ spec:
     }
 
     fn api_endpoints(listeners: &Listeners) -> Vec<SocketAddr> {
-        let Some(Route::Http { destination, .. }) = listeners
+        let Some(Route::Http(HttpRoute { destination, .. })) = listeners
             .active
             .iter()
             .find(|a| a.spec.name == "outbound/shop/api")
@@ -819,6 +1029,66 @@ spec:
             ]
         );
         assert_eq!(specs[3].key.protocol, Protocol::Tcp);
+    }
+
+    /// The shared port's route for `service`.
+    fn by_host_route(listeners: &Listeners, service: &str) -> HttpRoute {
+        let Some(Route::ByHost(table)) = listeners
+            .active
+            .iter()
+            .find(|a| a.spec.name == "outbound/by-host")
+            .map(|a| &a.route)
+        else {
+            panic!("no outbound/by-host listener");
+        };
+        let table = table.load();
+        table
+            .routes()
+            .iter()
+            .find(|r| r.service.to_string() == service)
+            .map(|r| r.state.clone())
+            .unwrap_or_else(|| panic!("{service} is not routed"))
+    }
+
+    #[tokio::test]
+    async fn a_shared_port_keeps_its_socket_and_its_services_when_its_list_changes() {
+        let (_drain, watch) = drain::channel();
+        let mut listeners = Listeners::default();
+        let first = specs(MAIN, "{port: 0, services: [api]}", "127.0.0.1:8080");
+        assert_eq!(
+            first[1].route.to_string(),
+            "by host: shop/api [127.0.0.1:8080] (request timeout 15s, connect 1s)"
+        );
+        apply(&mut listeners, &first, &watch)
+            .await
+            .expect("applies");
+        let addr = addr_of(&listeners, "outbound/by-host");
+        let api = by_host_route(&listeners, "shop/api");
+
+        let second = specs(MAIN, "{port: 0, services: [api, pay]}", "127.0.0.1:8081");
+        let summary = apply(&mut listeners, &second, &watch)
+            .await
+            .expect("applies");
+        assert_eq!(summary.updated, [format!("outbound/by-host {addr}")]);
+        assert_eq!(addr_of(&listeners, "outbound/by-host"), addr);
+        let kept = by_host_route(&listeners, "shop/api");
+        assert!(
+            Arc::ptr_eq(&api.destination, &kept.destination),
+            "shop/api keeps its stack"
+        );
+        let endpoints: Vec<SocketAddr> = kept
+            .destination
+            .load()
+            .endpoints()
+            .iter()
+            .map(|c| c.addr())
+            .collect();
+        assert_eq!(
+            endpoints,
+            ["127.0.0.1:8081".parse::<SocketAddr>().expect("addr")]
+        );
+        by_host_route(&listeners, "shop/pay");
+        assert_eq!(listeners.bound()[1].target, "shop/api,shop/pay");
     }
 
     #[test]

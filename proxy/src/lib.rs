@@ -22,6 +22,7 @@ pub mod authz;
 pub mod balance;
 pub mod cli;
 pub mod drain;
+pub mod egress;
 pub mod errors;
 pub mod forward;
 pub mod headers;
