@@ -27,18 +27,40 @@ type Body = BoxBody<Bytes, BoxError>;
 /// - `/status?code=N`: answers with status N
 /// - `/bytes?n=N`: N bytes of body (with a Content-Length up to 1 MiB,
 ///   streamed in 64 KiB chunks above that)
+/// - `/flaky?percent=P`: 503 for P% of this app's requests, spread evenly
+///   (never two in a row below 50%), 200 otherwise
+/// - `/reset`: closes the connection without an answer
+/// - `/hang`: answers after 60 s (tests give up long before)
 ///
-/// Every response carries `x-upstream: <name>`.
+/// Every response carries `x-upstream: <name>`. [`Misbehaviour`] makes
+/// every route fail or go slow, and can change while the app runs.
 pub struct HttpUpstream {
     pub addr: SocketAddr,
     /// Requests seen so far; a watch so tests can wait for one to arrive.
     requests: tokio::sync::watch::Sender<usize>,
     connections: Arc<AtomicUsize>,
+    misbehaviour: Arc<std::sync::Mutex<Misbehaviour>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What an [`HttpUpstream`] does to every request, whatever the route.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Misbehaviour {
+    #[default]
+    None,
+    /// Answers this status.
+    Status(u16),
+    /// Waits this long before answering.
+    Delay(Duration),
 }
 
 impl HttpUpstream {
     pub async fn start(name: &'static str) -> Self {
+        Self::start_with(name, Misbehaviour::None).await
+    }
+
+    pub async fn start_with(name: &'static str, misbehaviour: Misbehaviour) -> Self {
+        let misbehaviour = Arc::new(std::sync::Mutex::new(misbehaviour));
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -47,6 +69,7 @@ impl HttpUpstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = requests.clone();
         let conns = connections.clone();
+        let behaviour = misbehaviour.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -54,10 +77,16 @@ impl HttpUpstream {
                 };
                 conns.fetch_add(1, Ordering::Relaxed);
                 let counter = counter.clone();
+                let behaviour = behaviour.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        counter.send_modify(|n| *n += 1);
-                        handle(name, req)
+                        let mut seen = 0;
+                        counter.send_modify(|n| {
+                            *n += 1;
+                            seen = *n;
+                        });
+                        let now = *behaviour.lock().unwrap_or_else(|e| e.into_inner());
+                        misbehave(name, req, seen, now)
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -69,8 +98,14 @@ impl HttpUpstream {
             addr,
             requests,
             connections,
+            misbehaviour,
             task,
         }
+    }
+
+    /// Changes what the app does from the next request on.
+    pub fn set_misbehaviour(&self, misbehaviour: Misbehaviour) {
+        *self.misbehaviour.lock().unwrap_or_else(|e| e.into_inner()) = misbehaviour;
     }
 
     pub fn requests(&self) -> usize {
@@ -105,7 +140,47 @@ fn query_param(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
-async fn handle(name: &'static str, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn misbehave(
+    name: &'static str,
+    req: Request<Incoming>,
+    nth: usize,
+    misbehaviour: Misbehaviour,
+) -> Result<Response<Body>, BoxError> {
+    match misbehaviour {
+        Misbehaviour::None => {}
+        Misbehaviour::Status(code) => {
+            let mut rsp = Response::new(full(format!("{name} misbehaving: {code}")));
+            *rsp.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            rsp.headers_mut()
+                .insert("x-upstream", http::HeaderValue::from_static(name));
+            return Ok(rsp);
+        }
+        Misbehaviour::Delay(delay) => tokio::time::sleep(delay).await,
+    }
+    match req.uri().path() {
+        // hyper closes the connection when the service fails.
+        "/reset" => Err("reset on purpose".into()),
+        "/flaky" => {
+            let percent = query_param(&req, "percent").unwrap_or(0).min(100) as usize;
+            // Request n fails when it crosses a multiple of 100/P.
+            let fails = (nth * percent) / 100 != ((nth - 1) * percent) / 100;
+            let code = if fails { 503 } else { 200 };
+            let mut rsp = Response::new(full(format!("flaky: {code}")));
+            *rsp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+            rsp.headers_mut()
+                .insert("x-upstream", http::HeaderValue::from_static(name));
+            Ok(rsp)
+        }
+        "/hang" => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(Response::new(full("late")))
+        }
+        _ => Ok(handle(name, req).await),
+    }
+}
+
+async fn handle(name: &'static str, req: Request<Incoming>) -> Response<Body> {
     let mut rsp = match req.uri().path() {
         "/headers" => {
             let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -163,7 +238,7 @@ async fn handle(name: &'static str, req: Request<Incoming>) -> Result<Response<B
     };
     rsp.headers_mut()
         .insert("x-upstream", http::HeaderValue::from_static(name));
-    Ok(rsp)
+    rsp
 }
 
 fn full(s: impl Into<Bytes>) -> Body {

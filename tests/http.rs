@@ -262,7 +262,7 @@ spec:
 }
 
 #[tokio::test]
-async fn round_robin_over_static_endpoints() {
+async fn round_robin_over_static_endpoints_when_the_policy_asks() {
     let a = HttpUpstream::start("a").await;
     let b = HttpUpstream::start("b").await;
     // Two server sidecars, one per app; the client balances between them.
@@ -283,7 +283,12 @@ async fn round_robin_over_static_endpoints() {
         server_b.listener("inbound/main"),
     ];
     let client_proxy = outrigger_e2e::ProxyBuilder::new(
-        outrigger_e2e::mesh::client_config(&endpoints, "http", ""),
+        outrigger_e2e::mesh::client_config(
+            &endpoints,
+            "http",
+            "---\napiVersion: outrigger.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api, namespace: shop}\n\
+             spec: {service: api, loadBalancer: round-robin}\n",
+        ),
         "shop/web",
     )
     .start()

@@ -268,6 +268,27 @@ impl Default for Timeouts {
     }
 }
 
+/// The 16 non-OK gRPC status codes, as `retriableGrpcCodes` spells them;
+/// code N is `GRPC_CODES[N - 1]`.
+pub const GRPC_CODES: [&str; 16] = [
+    "cancelled",
+    "unknown",
+    "invalid_argument",
+    "deadline_exceeded",
+    "not_found",
+    "already_exists",
+    "permission_denied",
+    "resource_exhausted",
+    "failed_precondition",
+    "aborted",
+    "out_of_range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data_loss",
+    "unauthenticated",
+];
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetryPolicy {
     /// Total attempts including the first, 1..=10.

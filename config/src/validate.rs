@@ -575,26 +575,6 @@ fn validate_service(
     }
 }
 
-/// The 16 non-OK gRPC status codes, as `retriableGrpcCodes` spells them.
-const GRPC_CODES: [&str; 16] = [
-    "cancelled",
-    "unknown",
-    "invalid_argument",
-    "deadline_exceeded",
-    "not_found",
-    "already_exists",
-    "permission_denied",
-    "resource_exhausted",
-    "failed_precondition",
-    "aborted",
-    "out_of_range",
-    "unimplemented",
-    "internal",
-    "unavailable",
-    "data_loss",
-    "unauthenticated",
-];
-
 fn validate_traffic_policy(
     ctx: &mut Ctx<'_>,
     id: &ResourceRef,

@@ -186,9 +186,46 @@ fn applied_json(applied: &Applied, draining: bool) -> serde_json::Value {
         "trafficPolicies": traffic,
         "authorizationPolicies": authz,
         "listeners": applied.listeners,
+        "endpoints": live_endpoints(applied),
         "notEnforced": loaded.not_enforced,
         "draining": draining,
     })
+}
+
+/// Each outbound service's endpoints as the balancer scores them now.
+fn live_endpoints(applied: &Applied) -> serde_json::Value {
+    let now = tokio::time::Instant::now();
+    let mut services = serde_json::Map::new();
+    for (name, destination) in &applied.destinations {
+        let destination = destination.load();
+        let endpoints: Vec<serde_json::Value> = destination
+            .endpoints()
+            .iter()
+            .map(|e| {
+                let score = &e.score;
+                let ejected_for = score.health.ejected_for(now);
+                json!({
+                    "address": score.addr,
+                    "pending": score.pending(),
+                    "rttEwmaMs": score.rtt_ewma(now).as_secs_f64() * 1000.0,
+                    "consecutiveFailures": score.health.consecutive_failures(),
+                    "ejected": ejected_for.is_some(),
+                    "ejectedForMs": ejected_for.map(|d| d.as_millis()),
+                })
+            })
+            .collect();
+        let (requests, connections) = destination.in_flight();
+        services.insert(
+            name.to_string(),
+            json!({
+                "loadBalancer": destination.policy.load_balancer,
+                "requestsInFlight": requests,
+                "connectionsOpen": connections,
+                "endpoints": endpoints,
+            }),
+        );
+    }
+    serde_json::Value::Object(services)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

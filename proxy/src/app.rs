@@ -187,7 +187,8 @@ impl Running {
                 // Normally a no-op; it matters when an old listener could
                 // not be restored, so /config does not list it.
                 if let Some(previous) = previous {
-                    self.state.set_applied(previous, listeners.bound());
+                    self.state
+                        .set_applied(previous, listeners.bound(), listeners.destinations());
                 }
                 return Err(e);
             }
@@ -208,7 +209,11 @@ impl Running {
             identity.set_trust_domain(&loaded.config.mesh.trust_domain);
         }
         tracing::info!(workload = %loaded.workload, source = %loaded.source, "configuration applied: {summary}");
-        self.state.set_applied(Arc::new(loaded), listeners.bound());
+        self.state.set_applied(
+            Arc::new(loaded),
+            listeners.bound(),
+            listeners.destinations(),
+        );
         Ok(summary)
     }
 
@@ -281,30 +286,35 @@ fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
     let Some(w) = config.workloads.iter().find(|w| &w.id == workload) else {
         return out;
     };
+    // Opaque TCP has no requests to retry or score: its connections go
+    // round robin, with the connect and idle timeouts.
     for service in w.destinations() {
-        if let Some(p) = config.traffic_policy_for(service) {
-            let mut parts = Vec::new();
-            if p.retries.is_some() {
-                parts.push("retries");
-            }
-            if p.outlier_detection.is_some() {
-                parts.push("outlierDetection");
-            }
-            if p.circuit_breaker != outrigger_config::CircuitBreaker::default() {
-                parts.push("circuitBreaker");
-            }
-            if p.load_balancer != LoadBalancer::default()
-                && p.load_balancer != LoadBalancer::RoundRobin
-            {
-                parts.push("loadBalancer");
-            }
-            if !parts.is_empty() {
-                out.push(format!(
-                    "TrafficPolicy {}: {} validated but not enforced yet (timeouts are; load balancing is round robin)",
-                    p.id,
-                    parts.join(", ")
-                ));
-            }
+        let is_tcp = config
+            .service(service)
+            .is_some_and(|s| s.protocol == outrigger_config::Protocol::Tcp);
+        let Some(p) = config.traffic_policy_for(service).filter(|_| is_tcp) else {
+            continue;
+        };
+        let mut parts = Vec::new();
+        if p.retries.is_some() {
+            parts.push("retries");
+        }
+        if p.outlier_detection.is_some() {
+            parts.push("outlierDetection");
+        }
+        if p.circuit_breaker != outrigger_config::CircuitBreaker::default() {
+            parts.push("circuitBreaker");
+        }
+        if p.load_balancer != LoadBalancer::default() && p.load_balancer != LoadBalancer::RoundRobin
+        {
+            parts.push("loadBalancer");
+        }
+        if !parts.is_empty() {
+            out.push(format!(
+                "TrafficPolicy {}: {} not enforced for opaque TCP (connections go round robin; the timeouts apply)",
+                p.id,
+                parts.join(", ")
+            ));
         }
     }
     if config.mesh.tracing.otlp_endpoint.is_some() {

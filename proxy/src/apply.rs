@@ -28,12 +28,12 @@ use crate::authz::{AuthzLayer, SharedAuthorizer};
 use crate::balance::RoundRobin;
 use crate::drain;
 use crate::egress::{ByHost, HostRoute, HostTable, SharedHostTable};
-use crate::forward::{Destination, SharedDestination};
+use crate::forward::{Destination, DestinationPolicy, SharedDestination};
 use crate::http::client::ClientSettings;
 use crate::http::server::ServerSettings;
 use crate::listener::{self, BindError, ListenerHandle};
 use crate::metrics::ConnectionMetrics;
-use crate::state::{BoundListener, Direction, Loaded};
+use crate::state::{BoundListener, Direction, LiveDestination, Loaded};
 use crate::tcp::{ByteCounters, SharedTcpTarget, TcpTarget};
 use crate::timeout::SharedTimeout;
 use crate::tls::MeshTls;
@@ -125,7 +125,7 @@ pub enum RouteSpec {
         idle_timeout: Duration,
     },
     /// To the endpoints of a service.
-    Outbound(OutboundRoute),
+    Outbound(Box<OutboundRoute>),
     /// To one of several services, chosen by each request's host; any
     /// other host is refused (the egress allow-list).
     ByHost {
@@ -141,7 +141,7 @@ impl RouteSpec {
     pub fn outbound_routes(&self) -> &[OutboundRoute] {
         match self {
             RouteSpec::Inbound { .. } => &[],
-            RouteSpec::Outbound(route) => std::slice::from_ref(route),
+            RouteSpec::Outbound(route) => std::slice::from_ref(&**route),
             RouteSpec::ByHost { routes, .. } => routes,
         }
     }
@@ -153,6 +153,8 @@ pub struct OutboundRoute {
     pub service: ResourceRef,
     pub endpoints: Vec<EndpointSpec>,
     pub timeouts: Timeouts,
+    /// Balancing, circuit breaking and retries.
+    pub policy: DestinationPolicy,
 }
 
 impl OutboundRoute {
@@ -282,7 +284,11 @@ pub fn listener_specs(
         let (name, protocol, route) = match &spec.target {
             OutboundTarget::Service(service) => {
                 let (route, protocol) = outbound_route(config, service, spec.port)?;
-                (service.to_string(), protocol, RouteSpec::Outbound(route))
+                (
+                    service.to_string(),
+                    protocol,
+                    RouteSpec::Outbound(Box::new(route)),
+                )
             }
             OutboundTarget::ByHost(services) => {
                 let routes = services
@@ -329,9 +335,15 @@ fn outbound_route(
             "service {id} of the outbound listener on port {port} is not in the configuration"
         ))
     })?;
-    let timeouts = config
-        .traffic_policy_for(&service.id)
-        .map(|p| p.timeouts.clone())
+    let traffic = config.traffic_policy_for(&service.id);
+    let timeouts = traffic.map(|p| p.timeouts.clone()).unwrap_or_default();
+    let policy = traffic
+        .map(|p| DestinationPolicy {
+            load_balancer: p.load_balancer,
+            outlier_detection: p.outlier_detection.clone(),
+            circuit_breaker: p.circuit_breaker.clone(),
+            retries: p.retries.clone(),
+        })
         .unwrap_or_default();
     let service_identities: Arc<[String]> = config.service_identities(service).into();
     let endpoints = service
@@ -349,6 +361,7 @@ fn outbound_route(
         service: service.id.clone(),
         endpoints,
         timeouts,
+        policy,
     };
     Ok((route, service.protocol))
 }
@@ -390,10 +403,11 @@ impl HttpRoute {
         endpoints: &[(SocketAddr, ClientSide)],
         settings: &ClientSettings,
         timeout: Option<Duration>,
+        policy: &DestinationPolicy,
     ) -> Self {
         Self {
             destination: Arc::new(ArcSwap::from_pointee(Destination::new(
-                name, endpoints, settings,
+                name, endpoints, settings, policy,
             ))),
             timeout: Arc::new(ArcSwap::from_pointee(timeout)),
         }
@@ -405,6 +419,7 @@ impl HttpRoute {
         endpoints: &[(SocketAddr, ClientSide)],
         settings: &ClientSettings,
         timeout: Option<Duration>,
+        policy: &DestinationPolicy,
     ) {
         let previous = self.destination.load_full();
         self.destination.store(Arc::new(Destination::reusing(
@@ -412,6 +427,7 @@ impl HttpRoute {
             name,
             endpoints,
             settings,
+            policy,
         )));
         self.timeout.store(Arc::new(timeout));
     }
@@ -422,6 +438,7 @@ impl HttpRoute {
             &route.endpoints(tls),
             &route.client_settings(server),
             route.timeouts.request,
+            &route.policy,
         )
     }
 
@@ -436,6 +453,7 @@ impl HttpRoute {
             &route.endpoints(tls),
             &route.client_settings(server),
             route.timeouts.request,
+            &route.policy,
         );
     }
 }
@@ -452,6 +470,7 @@ impl Route {
                     &[(*app, ClientSide::Plaintext)],
                     &inbound_client_settings(server),
                     None,
+                    &DestinationPolicy::local_app(),
                 ))
             }
             (RouteSpec::Outbound(route), Protocol::Http) => {
@@ -472,6 +491,7 @@ impl Route {
                 &[(*app, ClientSide::Plaintext)],
                 &inbound_client_settings(server),
                 None,
+                &DestinationPolicy::local_app(),
             ),
             (Route::Http(http), RouteSpec::Outbound(route)) => {
                 http.update_service(route, server, tls)
@@ -734,6 +754,34 @@ impl Listeners {
 
     pub fn bound(&self) -> Vec<BoundListener> {
         self.active.iter().map(Active::bound).collect()
+    }
+
+    /// Each outbound HTTP service's live destination (the first listener
+    /// reaching it, when several do), for `/config`.
+    pub fn destinations(&self) -> Vec<LiveDestination> {
+        let mut out: Vec<LiveDestination> = Vec::new();
+        let mut add = |name: Arc<str>, destination: &SharedDestination<ClientSide>| {
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, destination.clone()));
+            }
+        };
+        for active in &self.active {
+            match (&active.route, &active.spec.route) {
+                (Route::Http(http), RouteSpec::Outbound(route)) => {
+                    add(route.name(), &http.destination);
+                }
+                (Route::ByHost(table), _) => {
+                    for route in table.load().routes() {
+                        add(
+                            Arc::from(route.service.to_string()),
+                            &route.state.destination,
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// Changes the running listeners to `specs`. On error the listeners
@@ -1004,7 +1052,7 @@ spec:
             .load()
             .endpoints()
             .iter()
-            .map(|c| c.addr())
+            .map(|c| c.score.addr)
             .collect()
     }
 
@@ -1081,7 +1129,7 @@ spec:
             .load()
             .endpoints()
             .iter()
-            .map(|c| c.addr())
+            .map(|c| c.score.addr)
             .collect();
         assert_eq!(
             endpoints,

@@ -42,6 +42,17 @@ pub enum ProxyError {
     /// The connection to the upstream failed mid-request.
     #[error("service {service} failed: {reason}")]
     Upstream { service: String, reason: String },
+    /// The destination's circuit breaker is at a limit.
+    #[error("service {service} over its limit: {overflow}; failing fast")]
+    Overflow {
+        service: String,
+        overflow: crate::circuit::Overflow,
+    },
+    /// Outlier detection has ejected every endpoint.
+    #[error(
+        "service {service} unavailable: all {endpoints} endpoint(s) ejected after failing in a row (outlierDetection); failing fast until one is tried again"
+    )]
+    AllEjected { service: String, endpoints: usize },
     /// Authorization refused the caller. The message names the request,
     /// never the policy.
     #[error("not authorized for {method} {path}")]
@@ -52,7 +63,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints { .. }
+            | ProxyError::Overflow { .. }
+            | ProxyError::AllEjected { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -64,6 +77,8 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } => "connect-failure",
             ProxyError::NoEndpoints { .. } => "no-endpoints",
+            ProxyError::Overflow { .. } => "overflow",
+            ProxyError::AllEjected { .. } => "circuit-open",
             ProxyError::ClientBody { .. } => "bad-request-body",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Upstream { .. } => "upstream-reset",

@@ -9,13 +9,17 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
+use outrigger_config::{CircuitBreaker, LoadBalancer, OutlierDetection, RetryPolicy};
+use tokio::time::Instant;
 use tower::Service;
 
 use crate::BoxError;
-use crate::balance::RoundRobin;
+use crate::balance::{Balancer, Endpoint, NoPick, Outcome, OutlierMetrics, Score};
+use crate::circuit::{Limits, Overflow};
 use crate::errors::ProxyError;
 use crate::http::body::{self, ProxyBody};
 use crate::http::client::{ClientSettings, EndpointClient, SendError};
+use crate::retry::Budget;
 use crate::transport::ClientTransport;
 
 /// Bodies of a known length up to this size are read whole before they are
@@ -24,57 +28,130 @@ use crate::transport::ClientTransport;
 /// hop). Larger or unknown-length bodies stream through untouched.
 const BUFFER_LIMIT: u64 = 32 * 1024;
 
+/// How requests to a destination are balanced, limited and retried: its
+/// TrafficPolicy, as the data path uses it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DestinationPolicy {
+    pub load_balancer: LoadBalancer,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub circuit_breaker: CircuitBreaker,
+    pub retries: Option<RetryPolicy>,
+}
+
+impl DestinationPolicy {
+    /// For the local app behind an inbound listener: one endpoint, no
+    /// limits of our own (the app has its own), no retries.
+    pub fn local_app() -> Self {
+        Self {
+            circuit_breaker: CircuitBreaker {
+                max_connections: u32::MAX,
+                max_pending_requests: u32::MAX,
+                max_requests: u32::MAX,
+            },
+            ..Self::default()
+        }
+    }
+}
+
 /// A named destination and clients for each of its endpoints.
 #[derive(Debug)]
 pub struct Destination<T: ClientTransport> {
     /// Shown in errors and metrics, e.g. `shop/api`.
     pub name: Arc<str>,
-    endpoints: RoundRobin<EndpointClient<T>>,
+    balancer: Balancer<EndpointClient<T>>,
     settings: ClientSettings,
+    pub policy: DestinationPolicy,
+    /// Counted across configuration changes: requests and connections in
+    /// flight (the circuit breaker's limits).
+    limits: Arc<Limits>,
+    /// The retry budget; kept across changes that keep its settings.
+    pub budget: Option<Arc<Budget>>,
 }
 
 impl<T: ClientTransport + PartialEq> Destination<T> {
     /// `endpoints`: each address with the transport that reaches it.
-    pub fn new(name: Arc<str>, endpoints: &[(SocketAddr, T)], settings: &ClientSettings) -> Self {
-        Self::reusing(None, name, endpoints, settings)
+    pub fn new(
+        name: Arc<str>,
+        endpoints: &[(SocketAddr, T)],
+        settings: &ClientSettings,
+        policy: &DestinationPolicy,
+    ) -> Self {
+        Self::reusing(None, name, endpoints, settings, policy)
     }
 
-    /// Like [`Destination::new`], but takes over `previous`'s client for
-    /// every endpoint it keeps with the same transport (the same expected
-    /// identity) when the client settings are unchanged, so pooled
-    /// keep-alive connections survive a configuration change.
+    /// Like [`Destination::new`], but takes over from `previous` what it
+    /// can: each kept endpoint's score (response times, health), its
+    /// client when the client settings and transport (the expected
+    /// identity) are unchanged, so pooled keep-alive connections survive
+    /// a configuration change; the requests and connections counted in
+    /// flight; and the retry budget when its settings are the same.
     pub fn reusing(
         previous: Option<&Destination<T>>,
         name: Arc<str>,
         endpoints: &[(SocketAddr, T)],
         settings: &ClientSettings,
+        policy: &DestinationPolicy,
     ) -> Self {
-        let reusable = previous.filter(|p| p.settings == *settings);
-        let clients = endpoints
+        let limits = match previous {
+            Some(p) => p.limits.clone(),
+            None => Arc::new(Limits::new(&name)),
+        };
+        limits.set(&policy.circuit_breaker);
+        let kept = |addr: SocketAddr| {
+            previous.and_then(|p| p.endpoints().iter().find(|e| e.score.addr == addr))
+        };
+        let reusable = previous.is_some_and(|p| p.settings == *settings);
+        let endpoints = endpoints
             .iter()
             .map(|(addr, transport)| {
-                reusable
-                    .and_then(|p| {
-                        p.endpoints
-                            .endpoints()
-                            .iter()
-                            .find(|c| c.addr() == *addr && c.transport() == transport)
-                    })
-                    .cloned()
-                    .unwrap_or_else(|| EndpointClient::new(transport.clone(), *addr, settings))
+                let old = kept(*addr);
+                let client = old
+                    .filter(|e| reusable && e.client.transport() == transport)
+                    .map(|e| e.client.clone())
+                    .unwrap_or_else(|| {
+                        EndpointClient::new(transport.clone(), *addr, settings, limits.clone())
+                    });
+                let score = old
+                    .map(|e| e.score.clone())
+                    .unwrap_or_else(|| Arc::new(Score::new(*addr)));
+                Endpoint { client, score }
             })
             .collect();
+        let metrics = match previous {
+            Some(p) => p.balancer.metrics().clone(),
+            None => OutlierMetrics::new(&name),
+        };
+        let budget = policy.retries.as_ref().map(|retries| {
+            previous
+                .and_then(|p| p.budget.clone())
+                .filter(|b| b.settings() == &retries.budget)
+                .unwrap_or_else(|| Arc::new(Budget::new(&retries.budget)))
+        });
         Self {
+            balancer: Balancer::new(
+                name.clone(),
+                endpoints,
+                policy.load_balancer,
+                policy.outlier_detection.clone(),
+                metrics,
+            ),
             name,
-            endpoints: RoundRobin::new(clients),
             settings: settings.clone(),
+            policy: policy.clone(),
+            limits,
+            budget,
         }
     }
 }
 
 impl<T: ClientTransport> Destination<T> {
-    pub fn endpoints(&self) -> &[EndpointClient<T>] {
-        self.endpoints.endpoints()
+    pub fn endpoints(&self) -> &[Endpoint<EndpointClient<T>>] {
+        self.balancer.endpoints()
+    }
+
+    /// Requests in flight and connections open now (circuit breaker).
+    pub fn in_flight(&self) -> (u32, u32) {
+        self.limits.in_flight()
     }
 }
 
@@ -82,7 +159,10 @@ impl<T: ClientTransport> Destination<T> {
 /// flow: each request loads the current one and keeps it until done.
 pub type SharedDestination<T> = Arc<ArcSwap<Destination<T>>>;
 
-/// Forwards each request to the next endpoint of a destination.
+/// Forwards each request to an endpoint of a destination: the circuit
+/// breaker's request limit, then the balancer's pick, then the endpoint's
+/// pool. Every outcome goes back to the balancer (response times, outlier
+/// detection).
 #[derive(Debug)]
 pub struct Forward<T: ClientTransport> {
     destination: SharedDestination<T>,
@@ -122,11 +202,26 @@ where
         let dest = self.destination.load_full();
         let downstream_upgrade = crate::upgrade::take_downstream(&mut req);
         Box::pin(async move {
-            let Some(endpoint) = dest.endpoints.pick() else {
-                return Err(ProxyError::NoEndpoints {
-                    service: dest.name.to_string(),
+            let service = &dest.name;
+            let active = dest
+                .limits
+                .admit_request()
+                .map_err(|overflow| overflow_error(service, overflow))?;
+            let (endpoint, in_flight) = match dest.balancer.pick(Instant::now()) {
+                Ok(picked) => picked,
+                Err(NoPick::NoEndpoints) => {
+                    return Err(ProxyError::NoEndpoints {
+                        service: service.to_string(),
+                    }
+                    .into());
                 }
-                .into());
+                Err(NoPick::AllEjected) => {
+                    return Err(ProxyError::AllEjected {
+                        service: service.to_string(),
+                        endpoints: dest.endpoints().len(),
+                    }
+                    .into());
+                }
             };
             let (parts, body) = req.into_parts();
             let body = body::buffer_if_small(body, BUFFER_LIMIT)
@@ -134,19 +229,36 @@ where
                 .map_err(|e| ProxyError::ClientBody {
                     reason: e.to_string(),
                 })?;
-            let mut rsp = match endpoint.send(Request::from_parts(parts, body)).await {
-                Ok(rsp) => rsp,
+            let sent = endpoint.client.send(Request::from_parts(parts, body)).await;
+            let now = Instant::now();
+            let mut rsp = match sent {
+                Ok(rsp) => {
+                    let outcome = if rsp.status().is_server_error() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    dest.balancer.record(in_flight, outcome, now);
+                    rsp
+                }
+                Err(SendError::Overflow(overflow)) => {
+                    // Our own limit, not the endpoint's fault.
+                    drop(in_flight);
+                    return Err(overflow_error(service, overflow));
+                }
                 Err(SendError::Connect(reason)) => {
+                    dest.balancer.record(in_flight, Outcome::Failure, now);
                     return Err(ProxyError::Connect {
-                        service: dest.name.to_string(),
-                        endpoint: endpoint.addr().to_string(),
+                        service: service.to_string(),
+                        endpoint: endpoint.client.addr().to_string(),
                         reason,
                     }
                     .into());
                 }
                 Err(SendError::Upstream(reason)) => {
+                    dest.balancer.record(in_flight, Outcome::Failure, now);
                     return Err(ProxyError::Upstream {
-                        service: dest.name.to_string(),
+                        service: service.to_string(),
                         reason,
                     }
                     .into());
@@ -160,15 +272,25 @@ where
             if parts.version == http::Version::HTTP_10 {
                 parts.version = http::Version::HTTP_11;
             }
-            let body = body::buffer_if_small(body, BUFFER_LIMIT)
+            // A streamed response counts against maxRequests until its
+            // body ends.
+            let body = body::buffer_if_small(body::Guarded::new(body, active), BUFFER_LIMIT)
                 .await
                 .map_err(|e| ProxyError::Upstream {
-                    service: dest.name.to_string(),
+                    service: service.to_string(),
                     reason: format!("response body: {e}"),
                 })?;
             Ok(Response::from_parts(parts, body))
         })
     }
+}
+
+fn overflow_error(service: &str, overflow: Overflow) -> BoxError {
+    ProxyError::Overflow {
+        service: service.to_string(),
+        overflow,
+    }
+    .into()
 }
 
 #[cfg(test)]
@@ -224,9 +346,13 @@ mod tests {
         let (other, _) = upstream().await;
         let name: Arc<str> = Arc::from("shop/api");
         let settings = ClientSettings::default();
-        let shared: SharedDestination<Plaintext> = Arc::new(ArcSwap::from_pointee(
-            Destination::new(name.clone(), &[(up, Plaintext)], &settings),
-        ));
+        let shared: SharedDestination<Plaintext> =
+            Arc::new(ArcSwap::from_pointee(Destination::new(
+                name.clone(),
+                &[(up, Plaintext)],
+                &settings,
+                &DestinationPolicy::default(),
+            )));
         let mut forward = Forward::new(shared.clone());
         get(&mut forward).await;
         assert_eq!(connections.load(Ordering::SeqCst), 1);
@@ -239,6 +365,7 @@ mod tests {
             name.clone(),
             &[(up, Plaintext), (other, Plaintext)],
             &settings,
+            &DestinationPolicy::default(),
         )));
         get(&mut forward).await;
         assert_eq!(connections.load(Ordering::SeqCst), 1, "pool reused");
@@ -254,6 +381,7 @@ mod tests {
             name,
             &[(up, Plaintext)],
             &changed,
+            &DestinationPolicy::default(),
         )));
         get(&mut forward).await;
         assert_eq!(connections.load(Ordering::SeqCst), 2, "fresh pool");

@@ -1,11 +1,11 @@
 //! Outbound: the app calls a local port, the sidecar carries the request to
 //! an endpoint of the service that port stands for.
 //!
-//! The HTTP stack, top to bottom (retries, circuit breaking and tracing
-//! will be pushed in between as layers):
+//! The HTTP stack, top to bottom (tracing will join as a layer):
 //!
 //! ```text
-//! metrics → error responses → header hygiene → request timeout → forward (balance + pool)
+//! metrics → error responses → header hygiene → request timeout → retry
+//!   → forward (circuit breaker limits → balancer → endpoint pool)
 //! ```
 
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use crate::forward::{Forward, SharedDestination};
 use crate::headers::HeadersLayer;
 use crate::http::server::HttpService;
 use crate::metrics::{MetricsLayer, RequestMetrics};
+use crate::retry::RetryLayer;
 use crate::timeout::{SharedTimeout, TimeoutLayer};
 use crate::transport::ClientTransport;
 
@@ -33,7 +34,8 @@ pub fn http_stack<T: ClientTransport>(
         .layer(MetricsLayer::new(RequestMetrics::new("outbound", &name)))
         .layer(ErrorResponseLayer)
         .layer(HeadersLayer)
-        .layer(TimeoutLayer::new(request_timeout, name))
+        .layer(TimeoutLayer::new(request_timeout, name.clone()))
+        .layer(RetryLayer::new(destination.clone(), &name))
         .service(Forward::new(destination));
     BoxCloneSyncService::new(stack)
 }

@@ -12,7 +12,9 @@ use arc_swap::ArcSwapOption;
 use outrigger_config::{MeshConfig, ResourceRef};
 use serde::Serialize;
 
+use crate::forward::SharedDestination;
 use crate::identity::Identity;
+use crate::transport::ClientSide;
 
 /// One bound listener, as reported on stdout at start and in `/config`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -62,7 +64,13 @@ impl Loaded {
 pub struct Applied {
     pub loaded: Arc<Loaded>,
     pub listeners: Vec<BoundListener>,
+    /// The live outbound destinations by service, so `/config` can show
+    /// each endpoint's score (read at request time, never written).
+    pub destinations: Vec<LiveDestination>,
 }
+
+/// A service's destination as the data path has it now.
+pub type LiveDestination = (Arc<str>, SharedDestination<ClientSide>);
 
 #[derive(Debug, Default)]
 pub struct ProxyState {
@@ -81,9 +89,17 @@ impl ProxyState {
         Arc::new(Self::default())
     }
 
-    pub fn set_applied(&self, loaded: Arc<Loaded>, listeners: Vec<BoundListener>) {
-        self.applied
-            .store(Some(Arc::new(Applied { loaded, listeners })));
+    pub fn set_applied(
+        &self,
+        loaded: Arc<Loaded>,
+        listeners: Vec<BoundListener>,
+        destinations: Vec<LiveDestination>,
+    ) {
+        self.applied.store(Some(Arc::new(Applied {
+            loaded,
+            listeners,
+            destinations,
+        })));
         self.applied_changed.notify_waiters();
     }
 

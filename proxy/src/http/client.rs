@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::ProxyBody;
+use crate::circuit::{Limits, Overflow, Permit};
 use crate::orig_proto;
 use crate::tls::Alpn;
 use crate::transport::ClientTransport;
@@ -52,6 +54,9 @@ pub enum SendError {
     Connect(String),
     /// The connection failed while the request was in flight.
     Upstream(String),
+    /// A new connection was needed, but the destination's circuit breaker
+    /// is at its limit; the request was not sent.
+    Overflow(Overflow),
 }
 
 /// Sends requests to one endpoint over pooled, kept-alive connections.
@@ -65,12 +70,20 @@ pub struct EndpointClient<T: ClientTransport> {
 }
 
 impl<T: ClientTransport> EndpointClient<T> {
-    pub fn new(transport: T, addr: SocketAddr, settings: &ClientSettings) -> Self {
+    /// `limits`: the destination's circuit breaker, which counts this
+    /// endpoint's connections with the others'.
+    pub fn new(
+        transport: T,
+        addr: SocketAddr,
+        settings: &ClientSettings,
+        limits: Arc<Limits>,
+    ) -> Self {
         let connector = FixedConnector {
             transport: transport.clone(),
             addr,
             connect_timeout: settings.connect_timeout,
             alpn: Alpn::Http1,
+            limits,
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -159,7 +172,9 @@ impl<T: ClientTransport> EndpointClient<T> {
         };
         async move {
             let mut rsp = fut?.await.map_err(|e| {
-                if e.is_connect() {
+                if let Some(overflow) = find_overflow(&e) {
+                    SendError::Overflow(overflow)
+                } else if e.is_connect() {
                     SendError::Connect(error_chain(&e))
                 } else {
                     SendError::Upstream(error_chain(&e))
@@ -177,6 +192,25 @@ impl<T: ClientTransport> EndpointClient<T> {
 fn host_authority<B>(req: &Request<B>) -> Option<Authority> {
     let host = req.headers().get(header::HOST)?.to_str().ok()?;
     Authority::try_from(host).ok()
+}
+
+/// The circuit breaker's refusal, if that is what stopped a connection.
+fn find_overflow(e: &(dyn std::error::Error + 'static)) -> Option<Overflow> {
+    let mut next = Some(e);
+    while let Some(error) = next {
+        if let Some(overflow) = error.downcast_ref::<Overflow>() {
+            return Some(*overflow);
+        }
+        if let Some(overflow) = error
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<Overflow>())
+        {
+            return Some(*overflow);
+        }
+        next = error.source();
+    }
+    None
 }
 
 /// The most specific cause of an error, e.g. "connection refused" rather
@@ -199,6 +233,7 @@ pub struct FixedConnector<T> {
     connect_timeout: Duration,
     /// What this pool's connections carry (offered by ALPN over TLS).
     alpn: Alpn,
+    limits: Arc<Limits>,
 }
 
 impl<T: ClientTransport> tower::Service<Uri> for FixedConnector<T> {
@@ -215,16 +250,26 @@ impl<T: ClientTransport> tower::Service<Uri> for FixedConnector<T> {
         let addr = self.addr;
         let timeout = self.connect_timeout;
         let alpn = self.alpn;
+        let limits = self.limits.clone();
         Box::pin(async move {
+            let pending = limits.admit_connect().map_err(io::Error::other)?;
             let io = transport.connect(addr, timeout, alpn).await?;
-            Ok(UpstreamIo(TokioIo::new(io)))
+            let open = pending.connected().map_err(io::Error::other)?;
+            Ok(UpstreamIo {
+                io: TokioIo::new(io),
+                _open: open,
+            })
         })
     }
 }
 
-/// An upstream connection as hyper's pool wants it.
+/// An upstream connection as hyper's pool wants it. It holds its place
+/// under the destination's `maxConnections` until it closes.
 #[derive(Debug)]
-pub struct UpstreamIo<IO>(TokioIo<IO>);
+pub struct UpstreamIo<IO> {
+    io: TokioIo<IO>,
+    _open: Permit,
+}
 
 impl<IO> Connection for UpstreamIo<IO> {
     fn connected(&self) -> Connected {
@@ -238,7 +283,7 @@ impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Read f
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -248,19 +293,19 @@ impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Write 
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_write_vectored(
@@ -268,6 +313,6 @@ impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> hyper::rt::Write 
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
