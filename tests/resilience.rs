@@ -290,7 +290,7 @@ async fn a_failing_endpoint_is_ejected_then_tried_again() {
 #[tokio::test]
 async fn when_every_endpoint_is_ejected_requests_fail_fast_without_touching_them() {
     let app = HttpUpstream::start_with("a", Misbehaviour::Status(500)).await;
-    let (_proxy, outbound) = sidecar(
+    let (proxy, outbound) = sidecar(
         &[&app],
         "  outlierDetection: {consecutiveFailures: 3, baseEjectionTime: 30s}\n",
     )
@@ -303,6 +303,8 @@ async fn when_every_endpoint_is_ejected_requests_fail_fast_without_touching_them
         assert_eq!((status, error.as_str()), (503, "circuit-open"));
     }
     assert_eq!(app.requests(), 3, "the app was left alone");
+    let open = metric(&proxy, "outrigger_circuit_open", &[("service", "shop/api")]).await;
+    assert_eq!(open, 1.0);
 }
 
 #[tokio::test]
@@ -361,4 +363,19 @@ async fn p2c_ewma_sends_little_to_a_slow_endpoint() {
     let share = slow.requests() as f64 / total as f64;
     eprintln!("the slow endpoint got {:.1}%", share * 100.0);
     assert!(share < 0.2, "the slow endpoint got {:.0}%", share * 100.0);
+}
+
+#[tokio::test]
+async fn a_route_prefix_gets_its_own_timeout() {
+    let app = HttpUpstream::start("a").await;
+    let (_proxy, outbound) = sidecar(
+        &[&app],
+        "  timeouts: {request: 200ms}\n  routes: [{pathPrefix: /slow, requestTimeout: 5s}]\n",
+    )
+    .await;
+    assert_eq!(get(outbound, "/slow?ms=400").await.0, 200);
+    let start = Instant::now();
+    let (status, error, _) = get(outbound, "/hang").await;
+    assert_eq!((status, error.as_str()), (504, "timeout"));
+    assert!(start.elapsed() < Duration::from_secs(5));
 }

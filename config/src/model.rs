@@ -241,6 +241,31 @@ pub struct TrafficPolicy {
     pub circuit_breaker: CircuitBreaker,
     pub outlier_detection: Option<OutlierDetection>,
     pub load_balancer: LoadBalancer,
+    /// Timeouts by path prefix, longest prefix first.
+    pub routes: Vec<RouteTimeouts>,
+}
+
+/// Timeouts for the requests whose path starts with `path_prefix` (the
+/// longest matching prefix wins). Both are resolved at validation: a
+/// route that leaves one out has the policy's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteTimeouts {
+    pub path_prefix: String,
+    /// The whole-request timeout (`None`: no limit).
+    #[serde(serialize_with = "serialize_optional_duration")]
+    pub request: Option<Duration>,
+    /// Each attempt's timeout, with retries (`None`: no limit).
+    #[serde(serialize_with = "serialize_optional_duration")]
+    pub per_try: Option<Duration>,
+}
+
+impl TrafficPolicy {
+    /// The route timeouts for `path`, if a route prefix matches.
+    pub fn route_for(&self, path: &str) -> Option<&RouteTimeouts> {
+        self.routes
+            .iter()
+            .find(|r| path.starts_with(r.path_prefix.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -192,6 +192,19 @@ pub struct RawTrafficPolicySpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<RawOutlierDetection>,
     pub load_balancer: Option<RawLoadBalancer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<RawRoute>>,
+}
+
+/// Timeouts for the requests whose path starts with `pathPrefix`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", expecting = "a mapping")]
+pub struct RawRoute {
+    pub path_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<RawDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -439,6 +452,20 @@ impl From<&TrafficPolicy> for RawTrafficPolicySpec {
                 LoadBalancer::RoundRobin => RawLoadBalancer::RoundRobin,
                 LoadBalancer::LeastRequest => RawLoadBalancer::LeastRequest,
             }),
+            routes: non_empty(
+                policy
+                    .routes
+                    .iter()
+                    .map(|route| RawRoute {
+                        path_prefix: Some(route.path_prefix.clone()),
+                        request_timeout: Some(match route.request {
+                            Some(d) => duration(d),
+                            None => RawDuration("none".to_string()),
+                        }),
+                        per_try_timeout: route.per_try.map(duration),
+                    })
+                    .collect(),
+            ),
         }
     }
 }

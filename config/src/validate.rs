@@ -697,6 +697,8 @@ fn validate_traffic_policy(
         Some(RawLoadBalancer::LeastRequest) => LoadBalancer::LeastRequest,
     };
 
+    let routes = validate_routes(ctx, spec, &timeouts, retries.as_ref());
+
     TrafficPolicy {
         id: id.clone(),
         service,
@@ -705,7 +707,75 @@ fn validate_traffic_policy(
         circuit_breaker,
         outlier_detection,
         load_balancer,
+        routes,
     }
+}
+
+/// `spec.routes`: per path prefix, a request timeout and/or a per-try
+/// timeout; what a route leaves out comes from the policy. Sorted longest
+/// prefix first, so the first match is the most specific.
+fn validate_routes(
+    ctx: &mut Ctx<'_>,
+    spec: &RawTrafficPolicySpec,
+    timeouts: &Timeouts,
+    retries: Option<&RetryPolicy>,
+) -> Vec<RouteTimeouts> {
+    let mut routes: Vec<RouteTimeouts> = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, raw) in items(&spec.routes).iter().enumerate() {
+        let field = format!("spec.routes[{i}]");
+        let Some(prefix) = &raw.path_prefix else {
+            ctx.err(&format!("{field}.pathPrefix"), "required");
+            continue;
+        };
+        if !prefix.starts_with('/') {
+            ctx.err(
+                &format!("{field}.pathPrefix"),
+                format!("must start with '/', got {prefix:?}"),
+            );
+            continue;
+        }
+        if let Some(first) = seen.get(prefix) {
+            ctx.err(
+                &format!("{field}.pathPrefix"),
+                format!("duplicate prefix {prefix:?}: also at spec.routes[{first}]"),
+            );
+            continue;
+        }
+        seen.insert(prefix.clone(), i);
+        if raw.request_timeout.is_none() && raw.per_try_timeout.is_none() {
+            ctx.err(
+                &field,
+                "sets nothing: give requestTimeout, perTryTimeout or both",
+            );
+        }
+        let request = match raw.request_timeout.as_ref().map(|r| r.0.as_str()) {
+            None => timeouts.request,
+            Some("none" | "off") => None,
+            Some(s) => {
+                let d = ctx.check(&format!("{field}.requestTimeout"), parse_duration(s));
+                (!d.is_zero()).then_some(d)
+            }
+        };
+        let per_try = match &raw.per_try_timeout {
+            None => retries.and_then(|r| r.per_try_timeout),
+            Some(_) if retries.is_none() => {
+                ctx.err(
+                    &format!("{field}.perTryTimeout"),
+                    "a per-try timeout needs spec.retries (without retries there is one try, bounded by requestTimeout)",
+                );
+                None
+            }
+            Some(t) => Some(ctx.check(&format!("{field}.perTryTimeout"), positive_duration(&t.0))),
+        };
+        routes.push(RouteTimeouts {
+            path_prefix: prefix.clone(),
+            request,
+            per_try,
+        });
+    }
+    routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
+    routes
 }
 
 fn validate_retries(ctx: &mut Ctx<'_>, raw: &RawRetries) -> RetryPolicy {

@@ -591,6 +591,83 @@ fn policy(spec: &str) -> TrafficPolicy {
 }
 
 #[test]
+fn traffic_policy_routes() {
+    let p = policy(
+        "timeouts: {request: 5s}, retries: {attempts: 2, perTryTimeout: 1s}, routes: [\
+         {pathPrefix: /reports, requestTimeout: 60s}, \
+         {pathPrefix: /reports/big/, requestTimeout: none, perTryTimeout: 30s}, \
+         {pathPrefix: /quick, perTryTimeout: 100ms}]",
+    );
+    let route = |path: &str| p.route_for(path).map(|r| (r.request, r.per_try));
+    let s = Duration::from_secs;
+    assert_eq!(
+        route("/reports/big/x"),
+        Some((None, Some(s(30)))),
+        "longest prefix"
+    );
+    assert_eq!(
+        route("/reports/small"),
+        Some((Some(s(60)), Some(s(1)))),
+        "per-try inherited"
+    );
+    assert_eq!(
+        route("/quick"),
+        Some((Some(s(5)), Some(Duration::from_millis(100)))),
+        "request timeout inherited"
+    );
+    assert_eq!(route("/other"), None);
+    // The stored form reads back the same.
+    let config = ok(&with_base(&[doc(
+        "TrafficPolicy",
+        "subject",
+        "{service: api, routes: [{pathPrefix: /a, requestTimeout: 1s}]}",
+    )]));
+    assert_eq!(
+        ok(&to_yaml(&config)).traffic_policies,
+        config.traffic_policies
+    );
+}
+
+#[test]
+fn traffic_policy_route_errors() {
+    policy_error(
+        "routes: [{requestTimeout: 1s}]",
+        "spec.routes[0].pathPrefix",
+        "required",
+    );
+    policy_error(
+        "routes: [{pathPrefix: reports, requestTimeout: 1s}]",
+        "spec.routes[0].pathPrefix",
+        "must start with '/'",
+    );
+    policy_error(
+        "routes: [{pathPrefix: /a, requestTimeout: 1s}, {pathPrefix: /a, requestTimeout: 2s}]",
+        "spec.routes[1].pathPrefix",
+        "duplicate prefix \"/a\": also at spec.routes[0]",
+    );
+    policy_error(
+        "routes: [{pathPrefix: /a}]",
+        "spec.routes[0]",
+        "sets nothing",
+    );
+    policy_error(
+        "routes: [{pathPrefix: /a, perTryTimeout: 1s}]",
+        "spec.routes[0].perTryTimeout",
+        "needs spec.retries",
+    );
+    policy_error(
+        "routes: [{pathPrefix: /a, requestTimeout: soon}]",
+        "spec.routes[0].requestTimeout",
+        "not a duration",
+    );
+    policy_error(
+        "routes: [{pathPrefix: /a, timeout: 1s}]",
+        "spec.routes[0].timeout",
+        "unknown field `timeout`, expected one of `pathPrefix`, `requestTimeout`, `perTryTimeout`",
+    );
+}
+
+#[test]
 fn traffic_policy_fields() {
     let p = policy(
         "timeouts: {request: 2m, connect: 250ms, idle: 30m}, \

@@ -35,7 +35,6 @@ use crate::listener::{self, BindError, ListenerHandle};
 use crate::metrics::ConnectionMetrics;
 use crate::state::{BoundListener, Direction, LiveDestination, Loaded};
 use crate::tcp::{ByteCounters, SharedTcpTarget, TcpTarget};
-use crate::timeout::SharedTimeout;
 use crate::tls::MeshTls;
 use crate::transport::{ClientSide, ServerSide};
 use crate::{inbound, outbound};
@@ -339,12 +338,18 @@ fn outbound_route(
     let timeouts = traffic.map(|p| p.timeouts.clone()).unwrap_or_default();
     let policy = traffic
         .map(|p| DestinationPolicy {
+            request_timeout: p.timeouts.request,
+            routes: p.routes.clone(),
             load_balancer: p.load_balancer,
             outlier_detection: p.outlier_detection.clone(),
             circuit_breaker: p.circuit_breaker.clone(),
             retries: p.retries.clone(),
+            local_app: false,
         })
-        .unwrap_or_default();
+        .unwrap_or_else(|| DestinationPolicy {
+            request_timeout: timeouts.request,
+            ..DestinationPolicy::default()
+        });
     let service_identities: Arc<[String]> = config.service_identities(service).into();
     let endpoints = service
         .endpoints
@@ -390,11 +395,12 @@ enum Route {
     Tcp(SharedTcpTarget<ClientSide>),
 }
 
-/// What a configuration change swaps under an HTTP stack.
+/// What a configuration change swaps under an HTTP stack: the
+/// destination, which carries its endpoints and its whole policy
+/// (timeouts included), so a request sees one consistent version.
 #[derive(Clone, Debug)]
 struct HttpRoute {
     destination: SharedDestination<ClientSide>,
-    timeout: SharedTimeout,
 }
 
 impl HttpRoute {
@@ -402,14 +408,12 @@ impl HttpRoute {
         name: Arc<str>,
         endpoints: &[(SocketAddr, ClientSide)],
         settings: &ClientSettings,
-        timeout: Option<Duration>,
         policy: &DestinationPolicy,
     ) -> Self {
         Self {
             destination: Arc::new(ArcSwap::from_pointee(Destination::new(
                 name, endpoints, settings, policy,
             ))),
-            timeout: Arc::new(ArcSwap::from_pointee(timeout)),
         }
     }
 
@@ -418,7 +422,6 @@ impl HttpRoute {
         name: Arc<str>,
         endpoints: &[(SocketAddr, ClientSide)],
         settings: &ClientSettings,
-        timeout: Option<Duration>,
         policy: &DestinationPolicy,
     ) {
         let previous = self.destination.load_full();
@@ -429,7 +432,6 @@ impl HttpRoute {
             settings,
             policy,
         )));
-        self.timeout.store(Arc::new(timeout));
     }
 
     fn for_service(route: &OutboundRoute, server: &ServerSettings, tls: Option<&MeshTls>) -> Self {
@@ -437,7 +439,6 @@ impl HttpRoute {
             route.name(),
             &route.endpoints(tls),
             &route.client_settings(server),
-            route.timeouts.request,
             &route.policy,
         )
     }
@@ -452,7 +453,6 @@ impl HttpRoute {
             route.name(),
             &route.endpoints(tls),
             &route.client_settings(server),
-            route.timeouts.request,
             &route.policy,
         );
     }
@@ -469,7 +469,6 @@ impl Route {
                     Arc::from(workload.as_str()),
                     &[(*app, ClientSide::Plaintext)],
                     &inbound_client_settings(server),
-                    None,
                     &DestinationPolicy::local_app(),
                 ))
             }
@@ -490,7 +489,6 @@ impl Route {
                 Arc::from(workload.as_str()),
                 &[(*app, ClientSide::Plaintext)],
                 &inbound_client_settings(server),
-                None,
                 &DestinationPolicy::local_app(),
             ),
             (Route::Http(http), RouteSpec::Outbound(route)) => {
@@ -541,11 +539,7 @@ fn host_table(
                 }
                 None => {
                     let state = HttpRoute::for_service(route, server, tls);
-                    let stack = outbound::http_stack(
-                        route.name(),
-                        state.destination.clone(),
-                        state.timeout.clone(),
-                    );
+                    let stack = outbound::http_stack(route.name(), state.destination.clone());
                     HostRoute {
                         service: route.service.clone(),
                         state,
@@ -677,9 +671,7 @@ fn serve(
                     http.destination.clone(),
                     AuthzLayer::new(authorizer.clone(), name, addr.port()),
                 ),
-                Direction::Outbound => {
-                    outbound::http_stack(name, http.destination.clone(), http.timeout.clone())
-                }
+                Direction::Outbound => outbound::http_stack(name, http.destination.clone()),
             })
         }
     };

@@ -189,16 +189,29 @@ pub enum NoPick {
 pub struct OutlierMetrics {
     ejections: Counter,
     ejected: Gauge,
+    /// 1 while every endpoint is ejected (requests fail fast).
+    open: Gauge,
 }
 
 pub const EJECTIONS_TOTAL: &str = "outrigger_outlier_ejections_total";
 pub const EJECTED_ENDPOINTS: &str = "outrigger_outlier_ejected_endpoints";
+pub const CIRCUIT_OPEN: &str = "outrigger_circuit_open";
 
 impl OutlierMetrics {
+    /// Records nothing.
+    pub fn noop() -> Self {
+        Self {
+            ejections: Counter::noop(),
+            ejected: Gauge::noop(),
+            open: Gauge::noop(),
+        }
+    }
+
     pub fn new(service: &str) -> Self {
         Self {
             ejections: metrics::counter!(EJECTIONS_TOTAL, "service" => service.to_string()),
             ejected: metrics::gauge!(EJECTED_ENDPOINTS, "service" => service.to_string()),
+            open: metrics::gauge!(CIRCUIT_OPEN, "service" => service.to_string()),
         }
     }
 }
@@ -261,6 +274,8 @@ impl<E> Balancer<E> {
             .filter(|e| e.score.health.ejected_for(now).is_some())
             .count();
         self.metrics.ejected.set(ejected as f64);
+        let open = ejected > 0 && ejected == self.endpoints.len();
+        self.metrics.open.set(if open { 1.0 } else { 0.0 });
     }
 
     /// The endpoint for the next request, counted as in flight until the

@@ -54,12 +54,12 @@ struct Gate {
 }
 
 impl Gate {
-    fn new(name: &'static str, service: &str) -> Self {
+    fn new(name: &'static str, refused: Counter) -> Self {
         Self {
             name,
             current: AtomicU32::new(0),
             max: AtomicU32::new(u32::MAX),
-            refused: metrics::counter!(OVERFLOW_TOTAL, "service" => service.to_string(), "limit" => name),
+            refused,
         }
     }
 
@@ -92,10 +92,20 @@ pub struct Limits {
 
 impl Limits {
     pub fn new(service: &str) -> Self {
+        let refused = |limit: &'static str| metrics::counter!(OVERFLOW_TOTAL, "service" => service.to_string(), "limit" => limit);
         Self {
-            requests: Gate::new("maxRequests", service),
-            connections: Gate::new("maxConnections", service),
-            pending: Gate::new("maxPendingRequests", service),
+            requests: Gate::new("maxRequests", refused("maxRequests")),
+            connections: Gate::new("maxConnections", refused("maxConnections")),
+            pending: Gate::new("maxPendingRequests", refused("maxPendingRequests")),
+        }
+    }
+
+    /// Counts without metrics (the local app behind an inbound listener).
+    pub fn unmetered() -> Self {
+        Self {
+            requests: Gate::new("maxRequests", Counter::noop()),
+            connections: Gate::new("maxConnections", Counter::noop()),
+            pending: Gate::new("maxPendingRequests", Counter::noop()),
         }
     }
 

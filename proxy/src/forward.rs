@@ -6,10 +6,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use outrigger_config::{CircuitBreaker, LoadBalancer, OutlierDetection, RetryPolicy};
+use outrigger_config::{
+    CircuitBreaker, LoadBalancer, OutlierDetection, RetryPolicy, RouteTimeouts,
+};
 use tokio::time::Instant;
 use tower::Service;
 
@@ -32,10 +35,17 @@ const BUFFER_LIMIT: u64 = 32 * 1024;
 /// TrafficPolicy, as the data path uses it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DestinationPolicy {
+    /// To the response headers, retries included (`None`: no limit).
+    pub request_timeout: Option<Duration>,
+    /// Timeouts by path prefix, longest first.
+    pub routes: Vec<RouteTimeouts>,
     pub load_balancer: LoadBalancer,
     pub outlier_detection: Option<OutlierDetection>,
     pub circuit_breaker: CircuitBreaker,
     pub retries: Option<RetryPolicy>,
+    /// The local app behind an inbound listener: no outlier or circuit
+    /// breaker metrics (there is nothing to balance or limit).
+    pub local_app: bool,
 }
 
 impl DestinationPolicy {
@@ -48,6 +58,7 @@ impl DestinationPolicy {
                 max_pending_requests: u32::MAX,
                 max_requests: u32::MAX,
             },
+            local_app: true,
             ..Self::default()
         }
     }
@@ -94,6 +105,7 @@ impl<T: ClientTransport + PartialEq> Destination<T> {
     ) -> Self {
         let limits = match previous {
             Some(p) => p.limits.clone(),
+            None if policy.local_app => Arc::new(Limits::unmetered()),
             None => Arc::new(Limits::new(&name)),
         };
         limits.set(&policy.circuit_breaker);
@@ -119,6 +131,7 @@ impl<T: ClientTransport + PartialEq> Destination<T> {
             .collect();
         let metrics = match previous {
             Some(p) => p.balancer.metrics().clone(),
+            None if policy.local_app => OutlierMetrics::noop(),
             None => OutlierMetrics::new(&name),
         };
         let budget = policy.retries.as_ref().map(|retries| {
@@ -147,6 +160,30 @@ impl<T: ClientTransport + PartialEq> Destination<T> {
 impl<T: ClientTransport> Destination<T> {
     pub fn endpoints(&self) -> &[Endpoint<EndpointClient<T>>] {
         self.balancer.endpoints()
+    }
+
+    /// The whole-request timeout for a request to `path`.
+    pub fn request_timeout(&self, path: &str) -> Option<Duration> {
+        match self.route_for(path) {
+            Some(route) => route.request,
+            None => self.policy.request_timeout,
+        }
+    }
+
+    /// Each attempt's timeout for a request to `path` (with retries).
+    pub fn per_try_timeout(&self, path: &str) -> Option<Duration> {
+        match self.route_for(path) {
+            Some(route) => route.per_try,
+            None => self.policy.retries.as_ref().and_then(|r| r.per_try_timeout),
+        }
+    }
+
+    fn route_for(&self, path: &str) -> Option<&RouteTimeouts> {
+        // Few routes, if any: a scan beats a lookup structure here.
+        self.policy
+            .routes
+            .iter()
+            .find(|r| path.starts_with(r.path_prefix.as_str()))
     }
 
     /// Requests in flight and connections open now (circuit breaker).

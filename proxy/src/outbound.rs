@@ -19,22 +19,21 @@ use crate::headers::HeadersLayer;
 use crate::http::server::HttpService;
 use crate::metrics::{MetricsLayer, RequestMetrics};
 use crate::retry::RetryLayer;
-use crate::timeout::{SharedTimeout, TimeoutLayer};
+use crate::timeout::TimeoutLayer;
 use crate::transport::ClientTransport;
 
-/// The HTTP stack for one outbound listener. `destination` and
-/// `request_timeout` can be swapped while it serves; the service name
-/// (metrics labels, error texts) is fixed for the listener's lifetime.
+/// The HTTP stack for one outbound listener. `destination` (endpoints
+/// and policy) can be swapped while it serves; the service name (metrics
+/// labels, error texts) is fixed for the listener's lifetime.
 pub fn http_stack<T: ClientTransport>(
     name: Arc<str>,
     destination: SharedDestination<T>,
-    request_timeout: SharedTimeout,
 ) -> HttpService {
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(RequestMetrics::new("outbound", &name)))
         .layer(ErrorResponseLayer)
         .layer(HeadersLayer)
-        .layer(TimeoutLayer::new(request_timeout, name.clone()))
+        .layer(TimeoutLayer::new(destination.clone()))
         .layer(RetryLayer::new(destination.clone(), &name))
         .service(Forward::new(destination));
     BoxCloneSyncService::new(stack)

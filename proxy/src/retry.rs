@@ -199,6 +199,7 @@ where
             return Box::pin(self.inner.call(req.map(AttemptBody::once)));
         };
         let service: Arc<str> = dest.name.clone();
+        let per_try = dest.per_try_timeout(req.uri().path());
         drop(dest);
         budget.tps.deposit();
         let replayable = is_retryable_method(req.method(), &policy)
@@ -213,6 +214,7 @@ where
             req,
             Attempts {
                 policy,
+                per_try,
                 budget,
                 replayable,
                 service,
@@ -224,6 +226,8 @@ where
 
 struct Attempts {
     policy: RetryPolicy,
+    /// For this request's path.
+    per_try: Option<Duration>,
     budget: Arc<Budget>,
     replayable: bool,
     service: Arc<str>,
@@ -240,7 +244,7 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let per_try = a.policy.per_try_timeout;
+    let per_try = a.per_try;
     let (parts, body) = req.into_parts();
     if !a.replayable {
         let mut req = Request::from_parts(parts, AttemptBody::once(body));
