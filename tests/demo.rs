@@ -13,7 +13,7 @@ fn demo_runs_every_step_and_exits_cleanly() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("All 11 steps passed."), "{stdout}");
+    assert!(stdout.contains("All 13 steps passed."), "{stdout}");
     assert!(
         stdout.contains("[ok] over mTLS the app sees the verified caller")
             && stdout.contains("web = spiffe://cluster.local/ns/shop/sa/web"),
@@ -25,6 +25,11 @@ fn demo_runs_every_step_and_exits_cleanly() {
     );
     assert!(
         stdout.contains("[ok] egress allow-list: the shared port reaches declared services only"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[ok] a retry saves a request to a flaky endpoint")
+            && stdout.contains("[ok] a failing endpoint is ejected and the circuit opens"),
         "{stdout}"
     );
     assert!(!stdout.contains("[FAIL]"), "{stdout}");

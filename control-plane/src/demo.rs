@@ -263,6 +263,44 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         detail: format!("{status}: {}", first_line(&body)),
     });
 
+    // 4b. The billing endpoint keeps failing: outlier detection ejects it
+    // (3 in a row), and with no endpoint left the circuit is open: 503 at
+    // once, billing untouched.
+    let mut statuses = Vec::new();
+    let mut open = None;
+    for _ in 0..5 {
+        let req = Request::get(format!("http://{to_billing}/")).body(Full::new(Bytes::new()))?;
+        let (status, body) = send(&h1, req).await?;
+        statuses.push(status.as_u16().to_string());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            open = Some(first_line(&body));
+            break;
+        }
+    }
+    steps.push(Step {
+        what: "a failing endpoint is ejected and the circuit opens (fail fast)",
+        ok: open.is_some(),
+        detail: format!(
+            "billing answered {}: {}",
+            statuses.join(", "),
+            open.unwrap_or_default()
+        ),
+    });
+
+    // 4c. api's /flaky fails every other time; the TrafficPolicy's retry
+    // saves the request, and the app says which attempt it saw.
+    let req = Request::get(format!("http://{to_api}/flaky")).body(Full::new(Bytes::new()))?;
+    let (status, body) = send(&h1, req).await?;
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    steps.push(Step {
+        what: "a retry saves a request to a flaky endpoint",
+        ok: status == StatusCode::OK && seen["retryAttempt"] == "2",
+        detail: format!(
+            "{status} after api's 503; the app saw x-outrigger-retry-attempt: {}",
+            seen["retryAttempt"]
+        ),
+    });
+
     // 5. The sidecar counted all of it.
     let req =
         Request::get(format!("http://{}/metrics", web.admin)).body(Full::new(Bytes::new()))?;
@@ -693,6 +731,20 @@ spec:
   timeouts:
     request: {request_timeout}
     connect: 1s
+  retries:                # a 502/503/504 or a refused connection is tried again
+    attempts: 3
+    retryOn: [gateway-error, connect-failure]
+---
+# billing's endpoint is down: after 3 failures in a row it is ejected, and
+# with no endpoint left requests fail fast (503) instead of waiting on it.
+apiVersion: outrigger.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: billing, namespace: shop}}
+spec:
+  service: billing
+  outlierDetection:
+    consecutiveFailures: 3
+    baseEjectionTime: 30s
 "#
     )
 }
@@ -719,8 +771,17 @@ async fn start_api_app() -> anyhow::Result<SocketAddr> {
 }
 
 async fn api_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    /// `/flaky` fails every other time, starting with the first.
+    static FLAKY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     if req.uri().path() == "/slow" {
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if req.uri().path() == "/flaky"
+        && FLAKY.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0
+    {
+        let mut rsp = Response::new(Full::new(Bytes::from("api: flaky, try again\n")));
+        *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(rsp);
     }
     let header = |name: &str| {
         req.headers()
@@ -738,6 +799,7 @@ async fn api_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
         "version": version,
         "xForwardedFor": header("x-forwarded-for"),
         "clientId": header("x-outrigger-client-id"),
+        "retryAttempt": header("x-outrigger-retry-attempt"),
     });
     Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
 }
