@@ -15,8 +15,12 @@ pub use pb::echo_client::EchoClient;
 use pb::echo_server::{Echo, EchoServer};
 use pb::{EchoReply, EchoRequest};
 
+/// Echoes. `fail` fails with FAILED_PRECONDITION; `flaky` fails with
+/// UNAVAILABLE every other time (the first included).
 #[derive(Default)]
-struct EchoService;
+struct EchoService {
+    flaky: std::sync::atomic::AtomicUsize,
+}
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
@@ -26,6 +30,14 @@ impl Echo for EchoService {
         let req = req.into_inner();
         if req.message == "fail" {
             return Err(Status::failed_precondition("asked to fail"));
+        }
+        if req.message == "flaky"
+            && self
+                .flaky
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(2)
+        {
+            return Err(Status::unavailable("flaky: try again"));
         }
         Ok(Response::new(EchoReply {
             message: req.message,
@@ -59,7 +71,7 @@ pub async fn start_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(EchoServer::new(EchoService))
+            .add_service(EchoServer::new(EchoService::default()))
             .serve_with_incoming(incoming)
             .await;
     });

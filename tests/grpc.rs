@@ -42,10 +42,53 @@ async fn unary_calls_and_error_statuses() {
     assert_eq!(status.message(), "asked to fail");
 }
 
+/// Retries on `unavailable` for shop/api.
+const RETRY_UNAVAILABLE: &str = "---\napiVersion: outrigger.io/v1alpha1\nkind: TrafficPolicy\n\
+    metadata: {name: api, namespace: shop}\nspec:\n  service: api\n  retries:\n    attempts: 2\n    \
+    retryOn: []\n    retriableGrpcCodes: [unavailable]\n";
+
+#[tokio::test]
+async fn a_grpc_status_named_in_the_policy_is_retried() {
+    let (app, _server) = start_server().await;
+    // Without a policy the first call's UNAVAILABLE reaches the client.
+    let plain = Pair::start(app, "http", "").await;
+    let mut client_plain = client(plain.outbound).await;
+    let status = client_plain
+        .unary(request("flaky"))
+        .await
+        .expect_err("no retry");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+
+    let (app, _server) = start_server().await;
+    let mesh = Pair::start(app, "http", RETRY_UNAVAILABLE).await;
+    let mut client = client(mesh.outbound).await;
+    for _ in 0..3 {
+        let reply = client
+            .unary(request("flaky"))
+            .await
+            .expect("saved by a retry");
+        assert_eq!(reply.into_inner().message, "flaky");
+    }
+    // Other codes are final.
+    let status = client
+        .unary(request("fail"))
+        .await
+        .expect_err("not retried");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+}
+
 #[tokio::test]
 async fn bidirectional_streaming() {
+    for extra in ["", RETRY_UNAVAILABLE] {
+        bidirectional_streaming_with(extra).await;
+    }
+}
+
+/// A stream stays a stream with or without a retry policy (whose body
+/// replay must not hold messages back).
+async fn bidirectional_streaming_with(extra: &str) {
     let (app, _server) = start_server().await;
-    let mesh = Pair::start(app, "http", "").await;
+    let mesh = Pair::start(app, "http", extra).await;
     let mut client = client(mesh.outbound).await;
 
     let (tx, rx) = mpsc::channel::<EchoRequest>(1);

@@ -1,10 +1,13 @@
 //! Retries: a request that failed in a way the TrafficPolicy's `retryOn`
 //! names is sent again, up to `attempts` in all, within a budget.
 //!
-//! - **Which methods:** GET, HEAD, OPTIONS, PUT, DELETE and TRACE (the
-//!   idempotent ones) by default. POST and PATCH only with
-//!   `retryNonIdempotent: true`, since a replayed payment is worse than a
-//!   failed one. Upgrades are never retried.
+//! - **Which requests:** GET, HEAD, OPTIONS, PUT, DELETE and TRACE (the
+//!   idempotent ones). POST and PATCH only with `retryNonIdempotent:
+//!   true`, since a replayed payment is worse than a failed one, with two
+//!   exceptions that are safe for any method: a refused connection
+//!   (nothing was sent), and a gRPC call failing with a code the policy
+//!   lists in `retriableGrpcCodes` (every gRPC call is a POST; listing
+//!   the code is the opt-in). Upgrades are never retried.
 //! - **Bodies** stream to the first attempt as they arrive, and a copy of
 //!   up to [`REPLAY_LIMIT`] is kept for the next one. A larger body is not
 //!   retried: its copy is dropped once it passes the limit.
@@ -202,8 +205,11 @@ where
         let per_try = dest.per_try_timeout(req.uri().path());
         drop(dest);
         budget.tps.deposit();
-        let replayable = is_retryable_method(req.method(), &policy)
-            && !req.headers().contains_key(header::UPGRADE);
+        let allowed = Allowed {
+            any: is_idempotent(req.method()) || policy.retry_non_idempotent,
+            grpc: is_grpc(req.headers()),
+        };
+        let replayable = !req.headers().contains_key(header::UPGRADE);
         // The service was made ready for this call; later attempts wait
         // for readiness on a clone.
         let first = self.inner.clone();
@@ -217,6 +223,7 @@ where
                 per_try,
                 budget,
                 replayable,
+                allowed,
                 service,
                 metrics,
             },
@@ -224,8 +231,24 @@ where
     }
 }
 
+/// Which retries a request may have, by what it is.
+#[derive(Clone, Copy, Debug)]
+struct Allowed {
+    /// An idempotent method, or the policy opts in to the others.
+    any: bool,
+    /// A gRPC call: the policy's gRPC codes are retried whatever the method.
+    grpc: bool,
+}
+
+impl Allowed {
+    fn permits(self, reason: Reason) -> bool {
+        self.any || reason == Reason::ConnectFailure || (self.grpc && reason == Reason::GrpcStatus)
+    }
+}
+
 struct Attempts {
     policy: RetryPolicy,
+    allowed: Allowed,
     /// For this request's path.
     per_try: Option<Duration>,
     budget: Arc<Budget>,
@@ -262,7 +285,7 @@ where
         let Some(reason) = retry_reason(&a.policy.retry_on, &result) else {
             return result;
         };
-        if attempt >= a.policy.attempts || !replay.can_replay() {
+        if attempt >= a.policy.attempts || !a.allowed.permits(reason) || !replay.can_replay() {
             return result;
         }
         if !a.budget.tps.withdraw() {
@@ -302,11 +325,17 @@ where
     }
 }
 
-fn is_retryable_method(method: &Method, policy: &RetryPolicy) -> bool {
+fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    ) || (policy.retry_non_idempotent && *method != Method::CONNECT)
+    )
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A copy of a request head for another attempt.
@@ -810,6 +839,14 @@ mod tests {
                 log.lock()
                     .expect("log")
                     .push(format!("{attempt}:{}", body.len()));
+                if code == 0 {
+                    // 0 in the script: the connection was refused.
+                    return failed(ProxyError::Connect {
+                        service: "shop/api".into(),
+                        endpoint: "127.0.0.1:1".into(),
+                        reason: "refused".into(),
+                    });
+                }
                 status(code)
             }
         });
@@ -860,6 +897,15 @@ mod tests {
         opted.retry_non_idempotent = true;
         let (mut svc, seen) = harness(Some(opted), vec![503]);
         assert_eq!(send(&mut svc, Method::POST, "pay").await, 200);
+        assert_eq!(*seen.lock().expect("seen"), ["1:3", "2:3"]);
+    }
+
+    #[tokio::test]
+    async fn a_post_is_retried_when_nothing_was_sent() {
+        let p = policy(3, vec![RetryOn::ConnectFailure, RetryOn::GatewayError]);
+        let (mut svc, seen) = harness(Some(p), vec![0, 503]);
+        // Refused: retried. Then a 503 from the app: final for a POST.
+        assert_eq!(send(&mut svc, Method::POST, "pay").await, 503);
         assert_eq!(*seen.lock().expect("seen"), ["1:3", "2:3"]);
     }
 
