@@ -777,7 +777,9 @@ async fn api_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     if req.uri().path() == "/flaky"
-        && FLAKY.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0
+        && FLAKY
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(2)
     {
         let mut rsp = Response::new(Full::new(Bytes::from("api: flaky, try again\n")));
         *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
