@@ -343,7 +343,7 @@ fn outbound_route(
             load_balancer: p.load_balancer,
             outlier_detection: p.outlier_detection.clone(),
             circuit_breaker: p.circuit_breaker.clone(),
-            retries: p.retries.clone(),
+            retries: p.retries.clone().map(Arc::new),
             local_app: false,
         })
         .unwrap_or_else(|| DestinationPolicy {

@@ -42,7 +42,8 @@ pub struct DestinationPolicy {
     pub load_balancer: LoadBalancer,
     pub outlier_detection: Option<OutlierDetection>,
     pub circuit_breaker: CircuitBreaker,
-    pub retries: Option<RetryPolicy>,
+    /// Shared, so a request takes it without a copy.
+    pub retries: Option<Arc<RetryPolicy>>,
     /// The local app behind an inbound listener: no outlier or circuit
     /// breaker metrics (there is nothing to balance or limit).
     pub local_app: bool,

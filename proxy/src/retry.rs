@@ -247,7 +247,7 @@ impl Allowed {
 }
 
 struct Attempts {
-    policy: RetryPolicy,
+    policy: Arc<RetryPolicy>,
     allowed: Allowed,
     /// For this request's path.
     per_try: Option<Duration>,
@@ -817,7 +817,7 @@ mod tests {
             &[],
             &ClientSettings::default(),
             &DestinationPolicy {
-                retries,
+                retries: retries.map(Arc::new),
                 ..DestinationPolicy::default()
             },
         )));
