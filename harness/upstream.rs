@@ -50,6 +50,8 @@ pub enum Misbehaviour {
     None,
     /// Answers this status.
     Status(u16),
+    /// Answers 503 to the app's first N requests (counted from its start).
+    FailFirst(usize),
     /// Waits this long before answering.
     Delay(Duration),
 }
@@ -157,6 +159,14 @@ async fn misbehave(
             return Ok(rsp);
         }
         Misbehaviour::Delay(delay) => tokio::time::sleep(delay).await,
+        Misbehaviour::FailFirst(n) if nth <= n => {
+            let mut rsp = Response::new(full(format!("{name}: failure {nth} of the first {n}")));
+            *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            rsp.headers_mut()
+                .insert("x-upstream", http::HeaderValue::from_static(name));
+            return Ok(rsp);
+        }
+        Misbehaviour::FailFirst(_) => {}
     }
     match req.uri().path() {
         // hyper closes the connection when the service fails.

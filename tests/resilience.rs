@@ -132,6 +132,24 @@ async fn retries_turn_a_30_percent_failing_service_into_a_reliable_one() {
 }
 
 #[tokio::test]
+async fn a_request_survives_failures_up_to_its_attempts() {
+    let app = HttpUpstream::start_with("a", Misbehaviour::FailFirst(2)).await;
+    let (_proxy, outbound) = sidecar(&[&app], RETRY_3).await;
+    assert_eq!(get(outbound, "/headers").await.0, 200, "third time lucky");
+    assert_eq!(app.requests(), 3);
+
+    let app = HttpUpstream::start_with("b", Misbehaviour::FailFirst(3)).await;
+    let (_proxy, outbound) = sidecar(&[&app], RETRY_3).await;
+    let (status, _, upstream) = get(outbound, "/headers").await;
+    assert_eq!(
+        (status, upstream.as_str()),
+        (503, "b"),
+        "the last answer, as the app gave it"
+    );
+    assert_eq!(app.requests(), 3);
+}
+
+#[tokio::test]
 async fn each_attempt_is_numbered_and_post_needs_the_opt_in() {
     let app = HttpUpstream::start("a").await;
     let (proxy, outbound) = sidecar(&[&app], RETRY_3).await;
