@@ -15,7 +15,6 @@
 //! changes while the endpoint stays. Picking takes no lock and does not
 //! allocate.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64};
@@ -26,6 +25,7 @@ use outrigger_config::{LoadBalancer, OutlierDetection};
 use tokio::time::Instant;
 
 use crate::outlier::{self, Change, Health};
+use crate::random::random_below;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
@@ -359,40 +359,6 @@ impl<E> Balancer<E> {
     }
 }
 
-/// A number in `0..bound` (`bound` > 0) from a small per-thread generator
-/// (xorshift64*): cheap, lock-free, and plenty for picking endpoints and
-/// jittering backoffs.
-pub fn random_below(bound: usize) -> usize {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(seed());
-    }
-    let x = STATE.with(|state| {
-        let mut x = state.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        state.set(x);
-        x
-    });
-    // xorshift64*: the multiply makes the high bits the good ones, and
-    // scaling them (rather than `%` on the low bits) keeps two draws in a
-    // row independent.
-    let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
-    let bound = u64::try_from(bound.max(1)).unwrap_or(u64::MAX);
-    let picked = if bound <= u64::from(u32::MAX) {
-        ((r >> 32) * bound) >> 32
-    } else {
-        r % bound
-    };
-    usize::try_from(picked).unwrap_or(0)
-}
-
-fn seed() -> u64 {
-    use std::hash::BuildHasher;
-    // std seeds RandomState from the OS: a fresh, random seed per thread.
-    std::collections::hash_map::RandomState::new().hash_one(std::thread::current().id()) | 1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,15 +537,5 @@ mod tests {
             .filter(|e| e.score.health.ejected_for(now).is_some())
             .count();
         assert_eq!(ejected, 2);
-    }
-
-    #[test]
-    fn random_below_stays_in_range_and_spreads() {
-        let mut seen = [0usize; 4];
-        for _ in 0..4000 {
-            seen[random_below(4)] += 1;
-        }
-        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
-        assert_eq!(random_below(1), 0);
     }
 }

@@ -37,6 +37,7 @@ pub mod orig_proto;
 pub mod outbound;
 pub mod outlier;
 pub mod policy_client;
+pub mod random;
 pub mod retry;
 pub mod state;
 pub mod tcp;

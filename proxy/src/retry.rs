@@ -51,10 +51,10 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
 
 use crate::BoxError;
-use crate::balance::random_below;
 use crate::errors::ProxyError;
 use crate::forward::SharedDestination;
 use crate::http::body::ProxyBody;
+use crate::random::random_below;
 use crate::transport::ClientTransport;
 
 /// Request bodies up to this size are kept so they can be sent again.
