@@ -43,6 +43,7 @@ pub mod state;
 pub mod tcp;
 pub mod timeout;
 pub mod tls;
+pub mod trace_context;
 pub mod transport;
 pub mod upgrade;
 
