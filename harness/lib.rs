@@ -10,6 +10,7 @@ pub mod clients;
 pub mod control_plane;
 pub mod grpc;
 pub mod mesh;
+pub mod otlp;
 pub mod proxy;
 pub mod upstream;
 

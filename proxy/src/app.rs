@@ -17,6 +17,7 @@ use crate::http::server::ServerSettings;
 use crate::identity::Identity;
 use crate::state::{Loaded, ProxyState};
 use crate::tls::MeshTls;
+use crate::trace::Tracing;
 use outrigger_config::authz::Authorizer;
 
 /// Everything needed to start a proxy (the CLI fills this in).
@@ -72,6 +73,8 @@ pub struct Running {
     listeners: tokio::sync::Mutex<Listeners>,
     /// Taken by the shutdown.
     drain: Mutex<Option<drain::Drain>>,
+    /// Sampling and span export; each apply passes on the Mesh's settings.
+    tracing: Arc<Tracing>,
 }
 
 /// Loads a configuration file and picks out this proxy's workload. The
@@ -134,12 +137,14 @@ pub async fn start(options: ProxyOptions, loaded: Option<Loaded>) -> anyhow::Res
         None => None,
     };
     let admin_addr = admin::start(options.admin_addr, state.clone(), prometheus).await?;
+    let tracing = Tracing::new();
     let running = Running {
         state,
         admin_addr,
         options,
-        listeners: tokio::sync::Mutex::new(Listeners::new(tls)),
+        listeners: tokio::sync::Mutex::new(Listeners::new(tls, tracing.clone())),
         drain: Mutex::new(Some(drain)),
+        tracing,
     };
     if let Some(loaded) = loaded {
         running.apply(loaded).await?;
@@ -208,6 +213,8 @@ impl Running {
         if let Some(identity) = &self.options.identity {
             identity.set_trust_domain(&loaded.config.mesh.trust_domain);
         }
+        self.tracing
+            .configure(&loaded.config.mesh.tracing, &loaded.workload);
         tracing::info!(workload = %loaded.workload, source = %loaded.source, "configuration applied: {summary}");
         self.state.set_applied(
             Arc::new(loaded),
@@ -317,8 +324,16 @@ fn not_enforced(config: &MeshConfig, workload: &ResourceRef) -> Vec<String> {
             ));
         }
     }
-    if config.mesh.tracing.otlp_endpoint.is_some() {
-        out.push("Mesh tracing settings are validated but spans are not exported yet".to_string());
+    if let Some(endpoint) = config
+        .mesh
+        .tracing
+        .otlp_endpoint
+        .as_ref()
+        .filter(|e| e.starts_with("https://"))
+    {
+        out.push(format!(
+            "Mesh tracing.otlpEndpoint {endpoint}: https:// collectors are not supported yet, spans are not exported"
+        ));
     }
     out
 }

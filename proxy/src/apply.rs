@@ -36,6 +36,7 @@ use crate::metrics::ConnectionMetrics;
 use crate::state::{BoundListener, Direction, LiveDestination, Loaded};
 use crate::tcp::{ByteCounters, SharedTcpTarget, TcpTarget};
 use crate::tls::MeshTls;
+use crate::trace::Tracing;
 use crate::transport::{ClientSide, ServerSide};
 use crate::{inbound, outbound};
 use outrigger_config::authz::Authorizer;
@@ -459,10 +460,15 @@ impl HttpRoute {
 }
 
 impl Route {
-    fn new(spec: &ListenerSpec, server: &ServerSettings, tls: Option<&MeshTls>) -> Self {
+    fn new(
+        spec: &ListenerSpec,
+        server: &ServerSettings,
+        tls: Option<&MeshTls>,
+        tracing: &Arc<Tracing>,
+    ) -> Self {
         match (&spec.route, spec.key.protocol) {
             (RouteSpec::ByHost { workload, routes }, _) => Route::ByHost(Arc::new(
-                ArcSwap::from_pointee(host_table(workload, routes, None, server, tls)),
+                ArcSwap::from_pointee(host_table(workload, routes, None, server, tls, tracing)),
             )),
             (RouteSpec::Inbound { workload, app, .. }, Protocol::Http) => {
                 Route::Http(HttpRoute::new(
@@ -483,7 +489,13 @@ impl Route {
 
     /// Swaps in what `spec` asks for. Requests and connections in flight
     /// keep the route they started with.
-    fn update(&self, spec: &ListenerSpec, server: &ServerSettings, tls: Option<&MeshTls>) {
+    fn update(
+        &self,
+        spec: &ListenerSpec,
+        server: &ServerSettings,
+        tls: Option<&MeshTls>,
+        tracing: &Arc<Tracing>,
+    ) {
         match (self, &spec.route) {
             (Route::Http(http), RouteSpec::Inbound { workload, app, .. }) => http.update(
                 Arc::from(workload.as_str()),
@@ -502,6 +514,7 @@ impl Route {
                     Some(&previous),
                     server,
                     tls,
+                    tracing,
                 )));
             }
             (Route::Tcp(target), _) => target.store(Arc::new(tcp_target(spec, tls))),
@@ -524,6 +537,7 @@ fn host_table(
     previous: Option<&HostTable<HttpRoute>>,
     server: &ServerSettings,
     tls: Option<&MeshTls>,
+    tracing: &Arc<Tracing>,
 ) -> HostTable<HttpRoute> {
     let routes = routes
         .iter()
@@ -539,7 +553,11 @@ fn host_table(
                 }
                 None => {
                     let state = HttpRoute::for_service(route, server, tls);
-                    let stack = outbound::http_stack(route.name(), state.destination.clone());
+                    let stack = outbound::http_stack(
+                        route.name(),
+                        state.destination.clone(),
+                        tracing.clone(),
+                    );
                     HostRoute {
                         service: route.service.clone(),
                         state,
@@ -637,74 +655,6 @@ impl Active {
     }
 }
 
-/// Starts serving on a bound socket.
-fn serve(
-    spec: &ListenerSpec,
-    tcp: TcpListener,
-    route: Route,
-    watch: &drain::Watch,
-    server: &ServerSettings,
-    tls: Option<&MeshTls>,
-    authorizer: &SharedAuthorizer,
-) -> Result<Active, BindError> {
-    // Peers reach inbound listeners: mTLS whenever we have an identity.
-    // Outbound listeners face the local app only.
-    let transport = match (spec.key.direction, tls) {
-        (Direction::Inbound, Some(tls)) => tls.server_side(),
-        _ => ServerSide::Plaintext,
-    };
-    let addr = tcp.local_addr().map_err(|error| BindError {
-        addr: spec.bind,
-        what: spec.name.clone(),
-        error,
-    })?;
-    let metrics = ConnectionMetrics::new(direction_label(spec.key.direction), &spec.name);
-    // An HTTP stack to serve, or a TCP target to copy bytes to.
-    let stack = match &route {
-        Route::Tcp(target) => Err(target),
-        Route::ByHost(table) => Ok(BoxCloneSyncService::new(ByHost::new(table.clone()))),
-        Route::Http(http) => {
-            let name = target_name(&spec.route);
-            Ok(match spec.key.direction {
-                Direction::Inbound => inbound::http_stack(
-                    name.clone(),
-                    http.destination.clone(),
-                    AuthzLayer::new(authorizer.clone(), name, addr.port()),
-                ),
-                Direction::Outbound => outbound::http_stack(name, http.destination.clone()),
-            })
-        }
-    };
-    let handle = match stack {
-        Ok(stack) => listener::serve_http(
-            tcp,
-            spec.name.clone(),
-            metrics,
-            watch.clone(),
-            transport,
-            stack,
-            server.clone(),
-        ),
-        Err(target) => listener::serve_tcp(
-            tcp,
-            spec.name.clone(),
-            metrics,
-            watch.clone(),
-            transport,
-            target.clone(),
-            (spec.key.direction == Direction::Inbound).then(|| {
-                AuthzLayer::new(authorizer.clone(), target_name(&spec.route), addr.port())
-            }),
-        ),
-    };
-    Ok(Active {
-        spec: spec.clone(),
-        addr,
-        route,
-        handle,
-    })
-}
-
 /// Whether `new` needs the port `old` holds.
 fn needs_port_of(new: &ListenerSpec, old: &Active) -> bool {
     new.bind.port() != 0
@@ -727,14 +677,17 @@ pub struct Listeners {
     /// The workload's compiled policies, shared by every inbound HTTP
     /// listener; `None`: not enforced.
     authorizer: SharedAuthorizer,
+    /// Sampling and span export, shared by every HTTP stack.
+    tracing: Arc<Tracing>,
 }
 
 impl Listeners {
-    pub fn new(tls: Option<Arc<MeshTls>>) -> Self {
+    pub fn new(tls: Option<Arc<MeshTls>>, tracing: Arc<Tracing>) -> Self {
         Self {
             active: Vec::new(),
             tls,
             authorizer: SharedAuthorizer::default(),
+            tracing,
         }
     }
 
@@ -742,6 +695,77 @@ impl Listeners {
     /// ones they replace.
     pub fn swap_authorizer(&self, next: Option<Arc<Authorizer>>) -> Option<Arc<Authorizer>> {
         self.authorizer.swap(next)
+    }
+
+    /// Starts serving on a bound socket.
+    fn serve(
+        &self,
+        spec: &ListenerSpec,
+        tcp: TcpListener,
+        route: Route,
+        watch: &drain::Watch,
+        server: &ServerSettings,
+    ) -> Result<Active, BindError> {
+        let (tls, authorizer, tracing) = (self.tls.as_deref(), &self.authorizer, &self.tracing);
+        // Peers reach inbound listeners: mTLS whenever we have an identity.
+        // Outbound listeners face the local app only.
+        let transport = match (spec.key.direction, tls) {
+            (Direction::Inbound, Some(tls)) => tls.server_side(),
+            _ => ServerSide::Plaintext,
+        };
+        let addr = tcp.local_addr().map_err(|error| BindError {
+            addr: spec.bind,
+            what: spec.name.clone(),
+            error,
+        })?;
+        let metrics = ConnectionMetrics::new(direction_label(spec.key.direction), &spec.name);
+        // An HTTP stack to serve, or a TCP target to copy bytes to.
+        let stack = match &route {
+            Route::Tcp(target) => Err(target),
+            Route::ByHost(table) => Ok(BoxCloneSyncService::new(ByHost::new(table.clone()))),
+            Route::Http(http) => {
+                let name = target_name(&spec.route);
+                Ok(match spec.key.direction {
+                    Direction::Inbound => inbound::http_stack(
+                        name.clone(),
+                        http.destination.clone(),
+                        AuthzLayer::new(authorizer.clone(), name, addr.port()),
+                        tracing.clone(),
+                    ),
+                    Direction::Outbound => {
+                        outbound::http_stack(name, http.destination.clone(), tracing.clone())
+                    }
+                })
+            }
+        };
+        let handle = match stack {
+            Ok(stack) => listener::serve_http(
+                tcp,
+                spec.name.clone(),
+                metrics,
+                watch.clone(),
+                transport,
+                stack,
+                server.clone(),
+            ),
+            Err(target) => listener::serve_tcp(
+                tcp,
+                spec.name.clone(),
+                metrics,
+                watch.clone(),
+                transport,
+                target.clone(),
+                (spec.key.direction == Direction::Inbound).then(|| {
+                    AuthzLayer::new(authorizer.clone(), target_name(&spec.route), addr.port())
+                }),
+            ),
+        };
+        Ok(Active {
+            spec: spec.clone(),
+            addr,
+            route,
+            handle,
+        })
     }
 
     pub fn bound(&self) -> Vec<BoundListener> {
@@ -871,7 +895,9 @@ impl Listeners {
                 summary.unchanged += 1;
                 continue;
             }
-            active.route.update(spec, server, self.tls.as_deref());
+            active
+                .route
+                .update(spec, server, self.tls.as_deref(), &self.tracing);
             tracing::info!(listener = %spec.name, addr = %active.addr, route = %spec.route, "route updated");
             summary
                 .updated
@@ -879,16 +905,8 @@ impl Listeners {
             active.spec = spec.clone();
         }
         for (spec, tcp) in sockets {
-            let tls = self.tls.as_deref();
-            match serve(
-                spec,
-                tcp,
-                Route::new(spec, server, tls),
-                watch,
-                server,
-                tls,
-                &self.authorizer,
-            ) {
+            let route = Route::new(spec, server, self.tls.as_deref(), &self.tracing);
+            match self.serve(spec, tcp, route, watch, server) {
                 Ok(active) => {
                     tracing::info!(listener = %spec.name, addr = %active.addr, protocol = %spec.key.protocol, route = %spec.route, "listening");
                     summary.added.push(format!("{} {}", spec.name, active.addr));
@@ -915,15 +933,7 @@ impl Listeners {
     ) {
         for (spec, addr, route) in stopped {
             let restored = match listener::bind(addr, &spec.name).await {
-                Ok(tcp) => serve(
-                    &spec,
-                    tcp,
-                    route,
-                    watch,
-                    server,
-                    self.tls.as_deref(),
-                    &self.authorizer,
-                ),
+                Ok(tcp) => self.serve(&spec, tcp, route, watch, server),
                 Err(e) => Err(e),
             };
             match restored {

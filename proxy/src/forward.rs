@@ -23,6 +23,7 @@ use crate::errors::ProxyError;
 use crate::http::body::{self, ProxyBody};
 use crate::http::client::{ClientSettings, EndpointClient, SendError};
 use crate::retry::Budget;
+use crate::trace::SpanNotes;
 use crate::transport::ClientTransport;
 
 /// Bodies of a known length up to this size are read whole before they are
@@ -261,6 +262,9 @@ where
                     .into());
                 }
             };
+            if let Some(notes) = req.extensions().get::<Arc<SpanNotes>>() {
+                notes.upstream(endpoint.client.addr());
+            }
             let (parts, body) = req.into_parts();
             let body = body::buffer_if_small(body, BUFFER_LIMIT)
                 .await

@@ -2,11 +2,11 @@
 //! to the local app.
 //!
 //! ```text
-//! metrics → error responses → HTTP/1.1 back from HTTP/2 → header hygiene → authorization → forward to 127.0.0.1:<app port>
+//! metrics → trace → error responses → HTTP/1.1 back from HTTP/2 → header hygiene → authorization → forward to 127.0.0.1:<app port>
 //! ```
 //!
-//! Authorization (after the transport has verified the peer's identity)
-//! and tracing will be pushed in between as layers.
+//! Authorization comes after the transport has verified the peer's
+//! identity; a denied request still gets its span.
 
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ use crate::headers::HeadersLayer;
 use crate::http::server::HttpService;
 use crate::metrics::{MetricsLayer, RequestMetrics};
 use crate::orig_proto::DowngradeLayer;
+use crate::trace::{SpanKind, TraceLayer, Tracing};
 use crate::transport::ClientTransport;
 
 /// The HTTP stack for one inbound listener; `app` has the one endpoint
@@ -28,9 +29,11 @@ pub fn http_stack<T: ClientTransport>(
     name: Arc<str>,
     app: SharedDestination<T>,
     authz: AuthzLayer,
+    tracing: Arc<Tracing>,
 ) -> HttpService {
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(RequestMetrics::new("inbound", &name)))
+        .layer(TraceLayer::new(tracing, SpanKind::Server, name.clone()))
         .layer(ErrorResponseLayer)
         .layer(DowngradeLayer)
         .layer(HeadersLayer)

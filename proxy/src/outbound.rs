@@ -1,10 +1,10 @@
 //! Outbound: the app calls a local port, the sidecar carries the request to
 //! an endpoint of the service that port stands for.
 //!
-//! The HTTP stack, top to bottom (tracing will join as a layer):
+//! The HTTP stack, top to bottom:
 //!
 //! ```text
-//! metrics → error responses → header hygiene → request timeout → retry
+//! metrics → trace → error responses → header hygiene → request timeout → retry
 //!   → forward (circuit breaker limits → balancer → endpoint pool)
 //! ```
 
@@ -20,6 +20,7 @@ use crate::http::server::HttpService;
 use crate::metrics::{MetricsLayer, RequestMetrics};
 use crate::retry::RetryLayer;
 use crate::timeout::TimeoutLayer;
+use crate::trace::{SpanKind, TraceLayer, Tracing};
 use crate::transport::ClientTransport;
 
 /// The HTTP stack for one outbound listener. `destination` (endpoints
@@ -28,9 +29,11 @@ use crate::transport::ClientTransport;
 pub fn http_stack<T: ClientTransport>(
     name: Arc<str>,
     destination: SharedDestination<T>,
+    tracing: Arc<Tracing>,
 ) -> HttpService {
     let stack = ServiceBuilder::new()
         .layer(MetricsLayer::new(RequestMetrics::new("outbound", &name)))
+        .layer(TraceLayer::new(tracing, SpanKind::Client, name.clone()))
         .layer(ErrorResponseLayer)
         .layer(HeadersLayer)
         .layer(TimeoutLayer::new(destination.clone()))

@@ -55,6 +55,7 @@ use crate::errors::ProxyError;
 use crate::forward::SharedDestination;
 use crate::http::body::ProxyBody;
 use crate::random::random_below;
+use crate::trace::SpanNotes;
 use crate::transport::ClientTransport;
 
 /// Request bodies up to this size are kept so they can be sent again.
@@ -269,10 +270,17 @@ where
 {
     let per_try = a.per_try;
     let (parts, body) = req.into_parts();
+    let notes = parts.extensions.get::<Arc<SpanNotes>>().cloned();
+    let note = |attempt: u32| {
+        if let Some(notes) = &notes {
+            notes.attempt(attempt);
+        }
+    };
     if !a.replayable {
         let mut req = Request::from_parts(parts, AttemptBody::once(body));
         req.headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from_static("1"));
+        note(1);
         return try_once(&mut inner, req, per_try, &a.service).await;
     }
     let replay = Replay::new(body);
@@ -281,6 +289,7 @@ where
         let mut req = Request::from_parts(clone_parts(&parts), replay.next_attempt());
         req.headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
+        note(attempt);
         let result = try_once(&mut inner, req, per_try, &a.service).await;
         let Some(reason) = retry_reason(&a.policy.retry_on, &result) else {
             return result;
