@@ -171,11 +171,12 @@ where
         let parent = trace_context::extract(req.headers());
         let span = SpanContext::start(parent.as_ref(), tracing.sampling_percent());
         trace_context::inject(req.headers_mut(), &span);
-        let request_id = request_id(req.headers_mut());
+        ensure_request_id(req.headers_mut());
         let sink = match tracing.sink.load_full() {
             Some(sink) if span.sampled => sink,
             _ => return Box::pin(self.inner.call(req)),
         };
+        let request_id = request_id(req.headers());
         let notes = Arc::new(SpanNotes::default());
         req.extensions_mut().insert(notes.clone());
         let started = SystemTime::now();
@@ -248,31 +249,48 @@ pub struct FinishedSpan {
     pub proxy_error: Option<String>,
 }
 
-/// The request's `x-request-id`: kept when it is well-formed (1 to 128 of
-/// `A-Z a-z 0-9 - _ . :`), otherwise replaced by a new UUID-shaped one.
-fn request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok())
-        && (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    {
-        return id.to_string();
+/// Makes sure the request has a good `x-request-id`: kept when it is
+/// well-formed (1 to 128 of `A-Z a-z 0-9 - _ . :`), otherwise replaced by
+/// a new random UUID.
+fn ensure_request_id(headers: &mut HeaderMap) {
+    let good = headers.get(&REQUEST_ID).is_some_and(|id| {
+        (1..=128).contains(&id.len())
+            && id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    });
+    if good {
+        return;
     }
-    let (a, b) = (random_u64(), random_u64());
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&random_u64().to_be_bytes());
+    bytes[8..].copy_from_slice(&random_u64().to_be_bytes());
     // Version 4, RFC 4122 variant: looks like any other UUID to a log tool.
-    let id = format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        (b >> 48) & 0x3fff | 0x8000,
-        b & 0xffff_ffff_ffff
-    );
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut id = *b"00000000-0000-0000-0000-000000000000";
+    let groups = [
+        (0..8, 0..4),
+        (9..13, 4..6),
+        (14..18, 6..8),
+        (19..23, 8..10),
+        (24..36, 10..16),
+    ];
+    for (text, part) in groups {
+        trace_context::write_hex(&mut id[text], &bytes[part]);
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&id) {
         headers.insert(REQUEST_ID, value);
     }
-    id
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -283,23 +301,30 @@ mod tests {
     fn well_formed_request_ids_are_kept_and_others_replaced() {
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
-        assert_eq!(request_id(&mut headers), "abc-123_x.y:z");
+        ensure_request_id(&mut headers);
+        assert_eq!(request_id(&headers), "abc-123_x.y:z");
 
-        for bad in ["has space", "", "é"] {
+        for bad in ["has space", "", "a\tb"] {
             let mut headers = HeaderMap::new();
             if let Ok(v) = HeaderValue::from_str(bad) {
                 headers.insert(REQUEST_ID, v);
             }
-            let id = request_id(&mut headers);
+            ensure_request_id(&mut headers);
+            let id = request_id(&headers);
             assert_eq!(id.len(), 36, "{id}");
-            assert_eq!(&id[14..15], "4", "{id}");
-            assert_eq!(headers[&REQUEST_ID], id.as_str());
+            assert_eq!(&id[14..15], "4", "version 4: {id}");
+            assert!(
+                matches!(&id[19..20], "8" | "9" | "a" | "b"),
+                "variant: {id}"
+            );
+            assert_eq!(id.matches('-').count(), 4, "{id}");
         }
         let mut long = HeaderMap::new();
         long.insert(
             REQUEST_ID,
             HeaderValue::from_str(&"a".repeat(129)).expect("value"),
         );
-        assert_eq!(request_id(&mut long).len(), 36);
+        ensure_request_id(&mut long);
+        assert_eq!(request_id(&long).len(), 36);
     }
 }

@@ -154,44 +154,55 @@ pub fn inject(headers: &mut HeaderMap, span: &SpanContext) {
     ] {
         headers.remove(name);
     }
-    let trace_id = if span.trace_id.short {
-        hex(&span.trace_id.bytes[8..])
-    } else {
-        hex(&span.trace_id.bytes)
+    let trace_id = || {
+        if span.trace_id.short {
+            hex(&span.trace_id.bytes[8..])
+        } else {
+            hex(&span.trace_id.bytes)
+        }
     };
-    let span_id = hex(&span.span_id);
+    let span_id = || hex(&span.span_id);
     let sampling = match (span.debug, span.sampled) {
         (true, _) => "d",
         (false, true) => "1",
         (false, false) => "0",
     };
-    let mut put = |name: &HeaderName, value: String| {
+    let put = |headers: &mut HeaderMap, name: &HeaderName, value: String| {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name.clone(), value);
         }
     };
     match span.format {
         Format::W3c => {
-            let flags = if span.sampled { "01" } else { "00" };
-            put(&TRACEPARENT, format!("00-{trace_id}-{span_id}-{flags}"));
+            // Written in place: the one header every request gets.
+            let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+            write_hex(&mut value[3..35], &span.trace_id.bytes);
+            write_hex(&mut value[36..52], &span.span_id);
+            if span.sampled {
+                value[54] = b'1';
+            }
+            if let Ok(value) = HeaderValue::from_bytes(&value) {
+                headers.insert(TRACEPARENT, value);
+            }
         }
         Format::B3Single => {
             let parent = span
                 .parent_span_id
                 .map(|p| format!("-{}", hex(&p)))
                 .unwrap_or_default();
-            put(&B3, format!("{trace_id}-{span_id}-{sampling}{parent}"));
+            let value = format!("{}-{}-{sampling}{parent}", trace_id(), span_id());
+            put(headers, &B3, value);
         }
         Format::B3Multi => {
-            put(&B3_TRACE_ID, trace_id);
-            put(&B3_SPAN_ID, span_id);
+            put(headers, &B3_TRACE_ID, trace_id());
+            put(headers, &B3_SPAN_ID, span_id());
             if let Some(parent) = span.parent_span_id {
-                put(&B3_PARENT_SPAN_ID, hex(&parent));
+                put(headers, &B3_PARENT_SPAN_ID, hex(&parent));
             }
             if span.debug {
-                put(&B3_FLAGS, "1".to_string());
+                put(headers, &B3_FLAGS, "1".to_string());
             } else {
-                put(&B3_SAMPLED, sampling.to_string());
+                put(headers, &B3_SAMPLED, sampling.to_string());
             }
         }
     }
@@ -323,14 +334,23 @@ fn lower_hex(digits: &[u8]) -> Option<Vec<u8>> {
         .collect()
 }
 
+const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
         out.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     out
+}
+
+/// Lowercase hex of `bytes` into `out` (twice as long).
+pub fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
 }
 
 #[cfg(test)]
