@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -29,12 +29,22 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// The one JSON line our binaries print on stdout once they listen;
 /// `None` if it does not come within 30 s (the process failed to start).
 pub(crate) async fn start_line(child: &mut Child) -> Option<String> {
+    start_line_then(child, Arc::default()).await
+}
+
+/// Like [`start_line`]; the lines after it go to `rest` as they come.
+async fn start_line_then(child: &mut Child, rest: Arc<Mutex<Vec<String>>>) -> Option<String> {
     let stdout = child.stdout.take()?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = reader.read_line(&mut line);
         let _ = tx.send(line);
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            rest.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
     });
     tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
         .await
@@ -63,6 +73,8 @@ pub struct Proxy {
     /// The `listeners` array from the startup line.
     pub listeners: Vec<Value>,
     dir: tempfile::TempDir,
+    /// What it printed on stdout after its start line (access logs).
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl ProxyBuilder {
@@ -147,12 +159,14 @@ impl ProxyBuilder {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
         let mut child = cmd.spawn().expect("spawn outrigger-proxy");
-        let line = start_line(&mut child).await;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let line = start_line_then(&mut child, stdout.clone()).await;
         let mut proxy = Proxy {
             child: Some(child),
             admin: "127.0.0.1:0".parse().expect("addr"),
             listeners: Vec::new(),
             dir,
+            stdout,
         };
         let line = match line {
             Some(line) => line,
@@ -210,6 +224,14 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.listeners))
             .parse()
             .expect("listener addr")
+    }
+
+    /// Lines printed on stdout after the start line, so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn logs(&self) -> String {

@@ -242,3 +242,30 @@ async fn a_dead_or_silent_collector_never_fails_a_request() {
         assert_eq!(m.app.requests(), 50);
     }
 }
+
+#[tokio::test]
+async fn access_logs_are_one_json_line_per_request_when_asked_for() {
+    let app = HttpUpstream::start("app").await;
+    let pair =
+        outrigger_e2e::Pair::start_with(app.addr, "http", "", &["--access-log", "json"]).await;
+    for path in ["/headers", "/status?code=503"] {
+        clients::http1_get(pair.outbound, path).await.unwrap();
+    }
+    outrigger_e2e::eventually("two access log lines", || async {
+        pair.client.stdout_lines().len() >= 2
+    })
+    .await;
+    let lines = pair.client.stdout_lines();
+    let first: Json = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["direction"], "outbound");
+    assert_eq!(first["target"], "shop/api");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/headers");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["requestId"].as_str().map(str::len), Some(36));
+    assert_eq!(first["traceId"].as_str().map(str::len), Some(32));
+    let second: Json = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(second["status"], 503);
+    // Off by default: the server side printed nothing.
+    assert!(pair.server.stdout_lines().is_empty());
+}

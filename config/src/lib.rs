@@ -38,6 +38,8 @@ pub mod model;
 mod raw;
 mod validate;
 
+pub mod timefmt;
+
 pub use duration::parse_duration;
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{KINDS, SourceDocument, load_file, load_str, split_documents, to_yaml};

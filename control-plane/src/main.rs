@@ -19,7 +19,7 @@ mod metrics;
 mod resources;
 mod server;
 mod store;
-mod timefmt;
+pub use outrigger_config::timefmt;
 mod tokens;
 
 use client::{Api, Connection, Output};

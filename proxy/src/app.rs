@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use outrigger_config::{LoadBalancer, MeshConfig, ResourceRef};
 
+use crate::access_log::{AccessLog, AccessLogFormat};
 use crate::admin;
 use crate::apply::{self, ApplyError, ApplySummary, Listeners};
 use crate::drain::{self, DrainOutcome};
@@ -41,6 +42,9 @@ pub struct ProxyOptions {
     pub identity: Option<Arc<Identity>>,
     /// Accept TLS 1.2 as well as 1.3 between sidecars.
     pub allow_tls12: bool,
+    pub access_log: AccessLogFormat,
+    /// Percent of requests logged (0..=100).
+    pub access_log_sample: f64,
 }
 
 #[cfg(test)]
@@ -58,6 +62,8 @@ impl ProxyOptions {
             server: ServerSettings::default(),
             identity: None,
             allow_tls12: false,
+            access_log: AccessLogFormat::Off,
+            access_log_sample: 100.0,
         }
     }
 }
@@ -137,7 +143,10 @@ pub async fn start(options: ProxyOptions, loaded: Option<Loaded>) -> anyhow::Res
         None => None,
     };
     let admin_addr = admin::start(options.admin_addr, state.clone(), prometheus).await?;
-    let tracing = Tracing::new();
+    let tracing = Tracing::new(AccessLog::start(
+        options.access_log,
+        options.access_log_sample,
+    ));
     let running = Running {
         state,
         admin_addr,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::access_log::AccessLogFormat;
 use crate::app::ProxyOptions;
 use crate::http::server::ServerSettings;
 
@@ -142,6 +143,21 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "OUTRIGGER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Access log: one line per request on stdout, as text or JSON.
+    #[arg(long, env = "OUTRIGGER_ACCESS_LOG", value_enum, default_value = "off")]
+    pub access_log: AccessLogFormat,
+
+    /// Percent of requests the access log records, 0 to 100.
+    #[arg(long, env = "OUTRIGGER_ACCESS_LOG_SAMPLE", default_value_t = 100.0, value_parser = percent)]
+    pub access_log_sample: f64,
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("expected a percent from 0 to 100, got {s:?}")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -201,6 +217,8 @@ impl Args {
             // Loaded by the binary, which can fail and say why.
             identity: None,
             allow_tls12: self.tls12,
+            access_log: self.access_log,
+            access_log_sample: self.access_log_sample,
         }
     }
 }

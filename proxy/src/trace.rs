@@ -25,6 +25,7 @@ use http::{Request, Response};
 use outrigger_config::{ResourceRef, TracingSettings};
 use tower::{Layer, Service};
 
+use crate::access_log::AccessLog;
 use crate::http::PeerId;
 use crate::http::body::ProxyBody;
 use crate::otlp::SpanSink;
@@ -41,13 +42,16 @@ pub struct Tracing {
     /// f64 bits; 0..=100.
     sampling_percent: AtomicU64,
     sink: ArcSwapOption<SpanSink>,
+    /// Set at start from the command line; `None`: off.
+    access_log: Option<AccessLog>,
 }
 
 impl Tracing {
-    pub fn new() -> Arc<Self> {
+    pub fn new(access_log: Option<AccessLog>) -> Arc<Self> {
         Arc::new(Self {
             sampling_percent: AtomicU64::new(1.0f64.to_bits()),
             sink: ArcSwapOption::empty(),
+            access_log,
         })
     }
 
@@ -172,10 +176,12 @@ where
         let span = SpanContext::start(parent.as_ref(), tracing.sampling_percent());
         trace_context::inject(req.headers_mut(), &span);
         ensure_request_id(req.headers_mut());
-        let sink = match tracing.sink.load_full() {
-            Some(sink) if span.sampled => sink,
-            _ => return Box::pin(self.inner.call(req)),
-        };
+        let sink = tracing.sink.load_full().filter(|_| span.sampled);
+        let logged = tracing.access_log.as_ref().is_some_and(AccessLog::sampled);
+        if sink.is_none() && !logged {
+            return Box::pin(self.inner.call(req));
+        }
+        let tracing = tracing.clone();
         let request_id = request_id(req.headers());
         let notes = Arc::new(SpanNotes::default());
         req.extensions_mut().insert(notes.clone());
@@ -203,7 +209,7 @@ where
                 .upstream
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            sink.record(FinishedSpan {
+            let finished = FinishedSpan {
                 context: span,
                 tracestate,
                 kind,
@@ -219,7 +225,17 @@ where
                 attempts: notes.attempts.load(Relaxed),
                 request_id,
                 proxy_error,
-            });
+            };
+            if logged && let Some(log) = &tracing.access_log {
+                let direction = match kind {
+                    SpanKind::Server => "inbound",
+                    SpanKind::Client => "outbound",
+                };
+                log.write(direction, &finished);
+            }
+            if let Some(sink) = sink {
+                sink.record(finished);
+            }
             Ok(rsp)
         })
     }

@@ -17,6 +17,16 @@ pub fn from_unix_ms(ms: u64) -> String {
     from_unix_secs(ms / 1000)
 }
 
+/// `2026-12-04T19:21:12.345Z`, for access logs.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let secs = from_unix_secs(u64::try_from(ms / 1000).unwrap_or(u64::MAX));
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), ms % 1000)
+}
+
 fn from_unix_secs(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
