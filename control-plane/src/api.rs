@@ -31,7 +31,7 @@ use outrigger_config::{ConfigErrors, ResourceRef};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::hub::ProxyRecord;
+use crate::hub::{Hub, ProxyRecord};
 use crate::resources::{Key, PlanError, kind_named, line_diff, unknown_kind};
 use crate::server::{BACKUP_FORMAT, Backup, ControlPlane, Outcome, Secrets, WriteError};
 use crate::store::{Change, Revision};
@@ -65,17 +65,36 @@ pub fn router(cp: Cp) -> Router {
         .with_state(cp)
 }
 
-pub fn admin_router(prometheus: PrometheusHandle) -> Router {
+pub fn admin_router(prometheus: PrometheusHandle, hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(|| async { "ready\n" }))
         .route(
             "/metrics",
             get(move || {
+                count_proxies(&hub);
                 let body = prometheus.render();
                 async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
             }),
         )
+}
+
+/// `outrigger_cp_proxies{status}`: sidecars by where they stand, counted
+/// when Prometheus scrapes (the alert on sidecars not ACKing the latest
+/// policy reads it).
+fn count_proxies(hub: &Hub) {
+    let view = hub.view();
+    let mut counts = [0u32; PROXY_STATUSES.len()];
+    for p in hub.proxies() {
+        let expected = view.snapshot_for(&p.workload).map(|s| s.version.clone());
+        let status = proxy_status(&p, expected.as_ref());
+        if let Some(i) = PROXY_STATUSES.iter().position(|s| *s == status) {
+            counts[i] += 1;
+        }
+    }
+    for (status, count) in PROXY_STATUSES.iter().zip(counts) {
+        metrics::gauge!(crate::metrics::PROXIES, "status" => *status).set(f64::from(count));
+    }
 }
 
 /// An error as the API reports it.
@@ -655,18 +674,31 @@ async fn proxies(State(cp): State<Cp>) -> Response {
     axum::Json(json!({ "revision": view.revision, "proxies": items })).into_response()
 }
 
-fn proxy_json(p: &ProxyRecord, expected: Option<String>) -> Value {
+/// Where a sidecar stands against the snapshot it should run.
+pub const PROXY_STATUSES: [&str; 5] = [
+    "SYNCED",
+    "STALE",
+    "NACKED",
+    "DISCONNECTED",
+    "UNKNOWN_WORKLOAD",
+];
+
+pub fn proxy_status(p: &ProxyRecord, expected: Option<&String>) -> &'static str {
     let nacked_current = p
         .last_nack
         .as_ref()
         .is_some_and(|n| Some(&n.version) == p.sent_version.as_ref());
-    let status = match (&expected, &p.acked_version) {
+    match (expected, &p.acked_version) {
         _ if p.disconnected_at.is_some() => "DISCONNECTED",
         (None, _) => "UNKNOWN_WORKLOAD",
-        _ if nacked_current && p.acked_version != expected => "NACKED",
+        _ if nacked_current && p.acked_version.as_ref() != expected => "NACKED",
         (Some(e), Some(a)) if e == a => "SYNCED",
         _ => "STALE",
-    };
+    }
+}
+
+fn proxy_json(p: &ProxyRecord, expected: Option<String>) -> Value {
+    let status = proxy_status(p, expected.as_ref());
     let mut endpoints: Vec<String> = p
         .inbound
         .iter()

@@ -8,6 +8,7 @@ pub const PUSH_ACK_SECONDS: &str = "outrigger_cp_push_ack_seconds";
 pub const CERTIFICATES_ISSUED: &str = "outrigger_cp_certificates_issued_total";
 pub const CERTIFICATES_REFUSED: &str = "outrigger_cp_certificates_refused_total";
 pub const STREAMS_REFUSED: &str = "outrigger_cp_policy_streams_refused_total";
+pub const PROXIES: &str = "outrigger_cp_proxies";
 
 /// From 1 ms (a sidecar next door) to 30 s.
 const PUSH_ACK_BUCKETS: &[f64] = &[
@@ -43,6 +44,10 @@ fn describe() {
         "Sidecars with an open policy stream"
     );
     metrics::describe_gauge!("outrigger_cp_revision", "The current policy revision");
+    metrics::describe_gauge!(
+        PROXIES,
+        "Sidecars by status against the latest policy (SYNCED, STALE, NACKED, DISCONNECTED, UNKNOWN_WORKLOAD)"
+    );
     metrics::describe_counter!("outrigger_cp_pushes_total", "Snapshots sent to sidecars");
     metrics::describe_counter!(
         "outrigger_cp_acks_total",

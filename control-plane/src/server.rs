@@ -329,7 +329,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Running> {
             tracing::error!(error = %e, "REST API server stopped");
         }
     });
-    let admin_router = api::admin_router(prometheus);
+    let admin_router = api::admin_router(prometheus, control_plane.hub.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin, admin_router).await {
             tracing::error!(error = %e, "admin server stopped");

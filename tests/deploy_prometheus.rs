@@ -1,0 +1,146 @@
+//! The Prometheus alert rules pass `promtool check rules` and their unit
+//! tests (`promtool test rules`, synthetic series); every runbook they
+//! link exists; the Grafana dashboard is valid JSON that queries only
+//! metrics the sidecars and control plane export.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// promtool, installed by the project's script when missing.
+fn promtool() -> PathBuf {
+    let found = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {cmd}")])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    };
+    if let Some(path) = found("promtool") {
+        return path;
+    }
+    let script = repo().join("deploy/prometheus/install-promtool.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .status()
+        .expect("run the installer");
+    assert!(
+        status.success(),
+        "{} failed: promtool is needed for this test",
+        script.display()
+    );
+    found("promtool").expect("promtool on PATH after installing it")
+}
+
+fn run(promtool: &Path, args: &[&str]) {
+    let out = Command::new(promtool)
+        .args(args)
+        .current_dir(repo().join("deploy/prometheus"))
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool {}:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let promtool = promtool();
+    run(&promtool, &["check", "rules", "outrigger-rules.yaml"]);
+    run(&promtool, &["test", "rules", "outrigger-rules.test.yaml"]);
+}
+
+#[test]
+fn every_alert_has_its_runbook() {
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/outrigger-rules.yaml"))
+        .unwrap_or_default();
+    let runbooks: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook: "))
+        .collect();
+    assert_eq!(runbooks.len(), 5, "{runbooks:?}");
+    for runbook in runbooks {
+        assert!(repo().join(runbook).is_file(), "missing {runbook}");
+    }
+}
+
+/// Every metric the dashboard or the rules query, as exported.
+const EXPORTED: &[&str] = &[
+    "outrigger_requests_total",
+    "outrigger_request_duration_seconds_bucket",
+    "outrigger_retries_total",
+    "outrigger_retry_budget_exhausted_total",
+    "outrigger_outlier_ejected_endpoints",
+    "outrigger_circuit_open",
+    "outrigger_circuit_overflow_total",
+    "outrigger_open_connections",
+    "outrigger_identity_cert_expiry_timestamp_seconds",
+    "outrigger_spans_exported_total",
+    "outrigger_spans_dropped_total",
+    "outrigger_cp_proxies",
+];
+
+/// The sources of the two binaries, to check the list above against.
+fn sources() -> String {
+    let mut text = String::new();
+    for dir in ["proxy/src", "control-plane/src"] {
+        let mut stack = vec![repo().join(dir)];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    text.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+                }
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn the_metrics_the_rules_and_dashboard_use_are_in_the_code() {
+    let sources = sources();
+    for metric in EXPORTED {
+        // Histograms are declared by name; Prometheus adds `_bucket`.
+        let name = metric.trim_end_matches("_bucket");
+        assert!(
+            sources.contains(&format!("\"{name}\"")),
+            "{name} is not a metric name in proxy/ or control-plane/"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_queries_only_exported_metrics() {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/outrigger-dashboard.json"))
+        .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8);
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let metrics: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("outrigger_"))
+                .collect();
+            assert!(!metrics.is_empty(), "{expr}");
+            for metric in metrics {
+                assert!(
+                    EXPORTED.contains(&metric),
+                    "{metric} is not exported ({expr})"
+                );
+            }
+        }
+    }
+}
