@@ -37,7 +37,7 @@ struct Mesh {
     _dir: tempfile::TempDir,
     app: HttpUpstream,
     web: Proxy,
-    _api: Proxy,
+    api: Proxy,
     outbound: SocketAddr,
 }
 
@@ -77,7 +77,7 @@ async fn start(otlp: &str, percent: u32) -> Mesh {
         _dir: dir,
         app,
         web,
-        _api: api,
+        api,
         outbound,
     }
 }
@@ -181,6 +181,18 @@ async fn a_request_is_one_trace_across_both_sidecars() {
         Some("req-42")
     );
     assert_eq!(m.app.requests(), 1);
+
+    // Golden metrics: the inbound side counts callers by identity, and
+    // both sides the sizes.
+    let (_, metrics) = m.api.admin_get("/metrics").await;
+    let by_caller = metric_sum(
+        &metrics,
+        "outrigger_inbound_requests_by_identity_total",
+        &[("identity", WEB_ID), ("status_class", "2xx")],
+    );
+    assert_eq!(by_caller, 1.0, "{metrics}");
+    let (_, metrics) = m.web.admin_get("/metrics").await;
+    assert!(metric_sum(&metrics, "outrigger_response_size_bytes_count", &[]) >= 1.0);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! bounded: a direction, a configured service or workload name, a status
 //! class.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -13,13 +14,19 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use http::Response;
+
+use crate::http::PeerId;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower::{Layer, Service};
 
 pub const REQUESTS_TOTAL: &str = "outrigger_requests_total";
 pub const REQUEST_DURATION: &str = "outrigger_request_duration_seconds";
+pub const REQUEST_SIZE: &str = "outrigger_request_size_bytes";
+pub const RESPONSE_SIZE: &str = "outrigger_response_size_bytes";
+pub const REQUESTS_BY_IDENTITY: &str = "outrigger_inbound_requests_by_identity_total";
 pub const OPEN_CONNECTIONS: &str = "outrigger_open_connections";
 pub const CONNECTIONS_TOTAL: &str = "outrigger_connections_total";
 pub const TCP_BYTES_TOTAL: &str = "outrigger_tcp_bytes_total";
@@ -31,6 +38,15 @@ pub const POLICY_NACKS_TOTAL: &str = "outrigger_policy_nacks_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "outrigger_tls_handshakes_total";
 pub const CERT_EXPIRY: &str = "outrigger_identity_cert_expiry_timestamp_seconds";
 pub const CERT_RENEWALS_TOTAL: &str = "outrigger_identity_renewals_total";
+
+/// Size buckets in bytes, from 64 B to 16 MiB.
+const SIZE_BUCKETS: &[f64] = &[
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+];
+
+/// Distinct caller identities counted per inbound listener; more are
+/// counted as `other`, so a flood of identities cannot blow up the series.
+const MAX_IDENTITIES: usize = 256;
 
 /// Latency buckets in seconds, from 100 µs (a local hop) to 30 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -50,6 +66,12 @@ pub fn install() -> PrometheusHandle {
                     metrics_exporter_prometheus::Matcher::Full(REQUEST_DURATION.to_string()),
                     LATENCY_BUCKETS,
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Suffix("_size_bytes".to_string()),
+                        SIZE_BUCKETS,
+                    )
+                })
                 .map(|b| b.build_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -63,6 +85,20 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    metrics::describe_histogram!(
+        REQUEST_SIZE,
+        metrics::Unit::Bytes,
+        "Request body sizes, when known up front (Content-Length)"
+    );
+    metrics::describe_histogram!(
+        RESPONSE_SIZE,
+        metrics::Unit::Bytes,
+        "Response body sizes, when known up front (Content-Length)"
+    );
+    metrics::describe_counter!(
+        REQUESTS_BY_IDENTITY,
+        "Inbound requests by the caller's verified SPIFFE ID (none without mTLS; other past 256 identities)"
+    );
     metrics::describe_counter!(
         REQUESTS_TOTAL,
         "HTTP requests handled, by direction, service and status class"
@@ -119,29 +155,77 @@ fn class_index(status: http::StatusCode) -> usize {
     (status.as_u16() / 100).clamp(1, 5) as usize - 1
 }
 
+/// Request counters by status class, for each caller identity seen.
+type IdentityCounters = HashMap<Arc<str>, Arc<[Counter; 5]>>;
+
 /// Per-listener request metrics.
 #[derive(Debug)]
 pub struct RequestMetrics {
+    service: String,
     totals: [Counter; 5],
     durations: [Histogram; 5],
+    request_sizes: Histogram,
+    response_sizes: Histogram,
+    /// Inbound only: requests by the caller's verified SPIFFE ID.
+    by_identity: Option<ArcSwap<IdentityCounters>>,
 }
 
 impl RequestMetrics {
     pub fn new(direction: &'static str, service: &str) -> Arc<Self> {
-        let service = service.to_string();
+        let name = service.to_string();
         let totals = CLASSES.map(|class| {
-            metrics::counter!(REQUESTS_TOTAL, "direction" => direction, "service" => service.clone(), "status_class" => class)
+            metrics::counter!(REQUESTS_TOTAL, "direction" => direction, "service" => name.clone(), "status_class" => class)
         });
         let durations = CLASSES.map(|class| {
-            metrics::histogram!(REQUEST_DURATION, "direction" => direction, "service" => service.clone(), "status_class" => class)
+            metrics::histogram!(REQUEST_DURATION, "direction" => direction, "service" => name.clone(), "status_class" => class)
         });
-        Arc::new(Self { totals, durations })
+        Arc::new(Self {
+            request_sizes: metrics::histogram!(REQUEST_SIZE, "direction" => direction, "service" => name.clone()),
+            response_sizes: metrics::histogram!(RESPONSE_SIZE, "direction" => direction, "service" => name.clone()),
+            by_identity: (direction == "inbound").then(ArcSwap::default),
+            service: name,
+            totals,
+            durations,
+        })
     }
 
-    fn record(&self, status: http::StatusCode, start: Instant) {
+    fn record(&self, status: http::StatusCode, start: Instant, identity: Option<&Arc<str>>) {
         let i = class_index(status);
         self.totals[i].increment(1);
         self.durations[i].record(start.elapsed().as_secs_f64());
+        if let Some(counters) = self.identity_counters(identity) {
+            counters[i].increment(1);
+        }
+    }
+
+    /// The counters for a caller: a lock-free read; the first request from
+    /// a new identity registers them (copy on write, rare).
+    fn identity_counters(&self, identity: Option<&Arc<str>>) -> Option<Arc<[Counter; 5]>> {
+        let cache = self.by_identity.as_ref()?;
+        let key: Arc<str> = identity.cloned().unwrap_or_else(|| Arc::from("none"));
+        if let Some(counters) = cache.load().get(&key) {
+            return Some(counters.clone());
+        }
+        let mut added = None;
+        cache.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            let key = if next.len() >= MAX_IDENTITIES && !next.contains_key(&key) {
+                Arc::from("other")
+            } else {
+                key.clone()
+            };
+            let counters = next
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(CLASSES.map(|class| {
+                        metrics::counter!(REQUESTS_BY_IDENTITY, "service" => self.service.clone(), "identity" => key.to_string(), "status_class" => class)
+                    }))
+                })
+                .clone();
+            added = Some(counters);
+            next
+        });
+        added
     }
 }
 
@@ -191,10 +275,12 @@ impl<S> Layer<S> for MetricsLayer {
     }
 }
 
-impl<S, Req, B> Service<Req> for Metrics<S>
+impl<S, ReqB, B> Service<http::Request<ReqB>> for Metrics<S>
 where
-    S: Service<Req, Response = Response<B>, Error = Infallible>,
+    S: Service<http::Request<ReqB>, Response = Response<B>, Error = Infallible>,
     S::Future: Send + 'static,
+    ReqB: http_body::Body,
+    B: http_body::Body,
 {
     type Response = Response<B>;
     type Error = Infallible;
@@ -204,13 +290,22 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
         let start = Instant::now();
         let metrics = self.metrics.clone();
+        // Sizes are known up front for most bodies (Content-Length); a
+        // streamed body of unknown length is not in the size histograms.
+        if let Some(size) = req.body().size_hint().exact() {
+            metrics.request_sizes.record(size as f64);
+        }
+        let identity = req.extensions().get::<PeerId>().map(|p| p.0.clone());
         let fut = self.inner.call(req);
         Box::pin(async move {
             let rsp = fut.await?;
-            metrics.record(rsp.status(), start);
+            if let Some(size) = rsp.body().size_hint().exact() {
+                metrics.response_sizes.record(size as f64);
+            }
+            metrics.record(rsp.status(), start, identity.as_ref());
             Ok(rsp)
         })
     }
