@@ -41,6 +41,17 @@ struct Mesh {
     outbound: SocketAddr,
 }
 
+/// Workload shop/web calling shop/api (at `api`, over mTLS).
+fn web_config(otlp: &str, percent: u32, api: SocketAddr) -> String {
+    format!(
+        "{}apiVersion: outrigger.io/v1alpha1\nkind: Workload\nmetadata: {{name: web, namespace: shop}}\n\
+         spec:\n  inbound: [{{name: main, port: 0, appPort: 9}}]\n  outbound: [{{port: 0, service: api}}]\n---\n\
+         apiVersion: outrigger.io/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
+         spec:\n  identity: {API_ID}\n  endpoints: [{{address: '{api}'}}]\n",
+        mesh(otlp, percent),
+    )
+}
+
 async fn start(otlp: &str, percent: u32) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("mesh root");
@@ -59,14 +70,7 @@ async fn start(otlp: &str, percent: u32) -> Mesh {
     .start()
     .await;
     let web = ProxyBuilder::new(
-        format!(
-            "{}apiVersion: outrigger.io/v1alpha1\nkind: Workload\nmetadata: {{name: web, namespace: shop}}\n\
-             spec:\n  inbound: [{{name: main, port: 0, appPort: 9}}]\n  outbound: [{{port: 0, service: api}}]\n---\n\
-             apiVersion: outrigger.io/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
-             spec:\n  identity: {API_ID}\n  endpoints: [{{address: '{}'}}]\n",
-            mesh(otlp, percent),
-            api.listener("inbound/main")
-        ),
+        web_config(otlp, percent, api.listener("inbound/main")),
         "shop/web",
     )
     .tls(&ca.write(dir.path(), "web", Leaf::Spiffe(WEB_ID)))
@@ -230,6 +234,36 @@ async fn an_incoming_context_keeps_its_trace_and_sampling() {
     assert_eq!(seen(&app_view, "traceparent"), "");
     let spans = collector.wait_for_spans(4).await;
     assert_eq!(spans.len(), 4, "the unsampled request sent no span");
+}
+
+#[tokio::test]
+async fn the_sampling_rate_and_the_collector_change_hot() {
+    let collector = Collector::start().await;
+    let down = format!("http://{}", closed_port().await);
+    let m = start(&down, 0).await;
+    let api = m.api.listener("inbound/main");
+    get(m.outbound, &[]).await;
+
+    // 100%, and the collector that is up: the next request is exported.
+    let version = m.web.config_version().await;
+    m.web.reload(&web_config(&collector.url(), 100, api));
+    m.web.wait_version_change(&version).await;
+    assert_eq!(get(m.outbound, &[]).await.0, 200);
+    let spans = collector.wait_for_spans(1).await;
+    assert_eq!(spans[0].kind, SpanKind::Client as i32);
+    // Back to 0%: nothing more.
+    let version = m.web.config_version().await;
+    m.web.reload(&web_config(&collector.url(), 0, api));
+    m.web.wait_version_change(&version).await;
+    for _ in 0..20 {
+        get(m.outbound, &[]).await;
+    }
+    // The api sidecar exports to the dead collector; web sent one span.
+    let (_, metrics) = m.web.admin_get("/metrics").await;
+    assert_eq!(
+        metric_sum(&metrics, "outrigger_spans_exported_total", &[]),
+        1.0
+    );
 }
 
 async fn dropped(proxy: &Proxy) -> f64 {
