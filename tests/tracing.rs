@@ -259,11 +259,13 @@ async fn the_sampling_rate_and_the_collector_change_hot() {
         get(m.outbound, &[]).await;
     }
     // The api sidecar exports to the dead collector; web sent one span.
-    let (_, metrics) = m.web.admin_get("/metrics").await;
-    assert_eq!(
-        metric_sum(&metrics, "outrigger_spans_exported_total", &[]),
-        1.0
-    );
+    let exported = || async {
+        let (_, metrics) = m.web.admin_get("/metrics").await;
+        metric_sum(&metrics, "outrigger_spans_exported_total", &[])
+    };
+    outrigger_e2e::eventually("the one span counted", || async { exported().await >= 1.0 }).await;
+    assert_eq!(exported().await, 1.0);
+    assert_eq!(collector.spans().len(), 1);
 }
 
 async fn dropped(proxy: &Proxy) -> f64 {
