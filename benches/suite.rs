@@ -1,10 +1,12 @@
 //! The full side-by-side suite:
 //! `bash benches/install-peers.sh --with-oha --with-pingora && cargo build --release && cargo bench --bench suite`
 //! Writes `benches/results/latest.md` and `latest.json`. See docs/BENCHMARKS.md.
-//! `-- quick` for one repetition of 2-second runs; `reps=N`, `only=TEXT`.
+//! `-- quick` for one repetition of 2-second runs; `reps=N`, `only=TEXT`,
+//! `paths=a,b`.
 
 use std::path::PathBuf;
 
+use outrigger_e2e::bench::peers::PathKind;
 use outrigger_e2e::bench::{self, Options};
 
 fn main() {
@@ -19,7 +21,8 @@ fn main() {
     let mut options = Options::full(upstream, out);
     // `cargo bench --bench suite -- quick`: one repetition, short runs.
     // `reps=N` sets the repetitions (after `quick` too); `only=TEXT` keeps
-    // the scenarios whose name contains TEXT (and skips the memory pass).
+    // the scenarios whose name contains TEXT (and skips the memory pass);
+    // `paths=direct,outrigger` runs only those paths, in that order.
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "quick") {
         options.repetitions = 1;
@@ -35,9 +38,38 @@ fn main() {
             options.scenarios.retain(|s| s.name.contains(text));
             options.memory = false;
         }
+        if let Some(names) = arg.strip_prefix("paths=") {
+            match paths(names) {
+                Ok(paths) => options.paths = paths,
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(2);
+                }
+            }
+        }
     }
     if let Err(e) = runtime.block_on(bench::run(&options)) {
         eprintln!("benchmark failed: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `direct,outrigger` → those paths; an unknown name is an error that
+/// lists the known ones.
+fn paths(names: &str) -> Result<Vec<PathKind>, String> {
+    names
+        .split(',')
+        .map(|name| {
+            PathKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name.trim())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = PathKind::ALL.iter().map(|k| k.name()).collect();
+                    format!(
+                        "paths=: no path {name:?}; the paths are {}",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect()
 }

@@ -1,5 +1,5 @@
 //! The benchmark harness in smoke mode: every configuration present on this
-//! machine (direct and Outrigger always; nginx, HAProxy, pingora when
+//! machine (direct and the Outrigger pairs always; nginx, HAProxy, pingora when
 //! installed) serves requests with no errors over HTTP/1.1, h2c and a fixed
 //! rate. Nothing about timing is asserted.
 
@@ -14,7 +14,13 @@ async fn every_configuration_serves_requests_without_errors() {
     let options = Options::smoke(upstream);
     let results = bench::run(&options).await.expect("smoke run");
     let ran: Vec<PathKind> = results.runs.iter().map(|r| r.path).collect();
-    assert!(ran.contains(&PathKind::Direct) && ran.contains(&PathKind::Outrigger));
+    for always in [
+        PathKind::Direct,
+        PathKind::Outrigger,
+        PathKind::OutriggerByHost,
+    ] {
+        assert!(ran.contains(&always), "{always:?} never ran");
+    }
     for run in &results.runs {
         assert!(
             run.outcome.requests > 0,
@@ -35,7 +41,7 @@ async fn every_configuration_serves_requests_without_errors() {
         .map(|s| {
             PathKind::ALL
                 .iter()
-                .filter(|k| k.available().is_ok() && k.supports(s.load.proto))
+                .filter(|k| k.available().is_ok() && k.supports(&s.load))
                 .count()
         })
         .sum();

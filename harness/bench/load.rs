@@ -120,27 +120,46 @@ pub fn tool_for(load: &Load, builtin_only: bool) -> &'static str {
     }
 }
 
-/// Runs one load against `addr`, on CPU 0 when `pin` is set.
+/// Runs one load against `addr`, on CPU 0 when `pin` is set. `host`, when
+/// given, is sent as the `Host` (HTTP/1.1) or `:authority` (HTTP/2)
+/// instead of `addr`; the connections still go to `addr`.
 pub async fn run(
     tool: &'static str,
     addr: SocketAddr,
+    host: Option<&str>,
     load: &Load,
     pin: bool,
     scratch: &std::path::Path,
 ) -> anyhow::Result<Outcome> {
     match tool {
-        "wrk" => external(tool, wrk_command(addr, load, scratch)?, pin, parse_wrk).await,
+        "wrk" => {
+            external(
+                tool,
+                wrk_command(addr, host, load, scratch)?,
+                pin,
+                parse_wrk,
+            )
+            .await
+        }
         "h2load" => {
             external(
                 tool,
-                h2load_command(addr, load, scratch)?,
+                h2load_command(addr, host, load, scratch)?,
                 pin,
                 parse_h2load,
             )
             .await
         }
-        "oha" => external(tool, oha_command(addr, load, scratch)?, pin, parse_oha).await,
-        _ => builtin(addr, load).await,
+        "oha" => {
+            external(
+                tool,
+                oha_command(addr, host, load, scratch)?,
+                pin,
+                parse_oha,
+            )
+            .await
+        }
+        _ => builtin(addr, host, load).await,
     }
 }
 
@@ -158,6 +177,7 @@ fn post_body_file(scratch: &std::path::Path) -> anyhow::Result<std::path::PathBu
 
 fn wrk_command(
     addr: SocketAddr,
+    host: Option<&str>,
     load: &Load,
     scratch: &std::path::Path,
 ) -> anyhow::Result<Vec<String>> {
@@ -179,12 +199,18 @@ fn wrk_command(
         cmd.push("-s".into());
         cmd.push(script.display().to_string());
     }
+    if let Some(host) = host {
+        // wrk sends the URL's host:port unless a Host header is given.
+        cmd.push("-H".into());
+        cmd.push(format!("Host: {host}"));
+    }
     cmd.push(url(addr, load));
     Ok(cmd)
 }
 
 fn h2load_command(
     addr: SocketAddr,
+    host: Option<&str>,
     load: &Load,
     scratch: &std::path::Path,
 ) -> anyhow::Result<Vec<String>> {
@@ -199,12 +225,18 @@ fn h2load_command(
         cmd.push("-d".into());
         cmd.push(post_body_file(scratch)?.display().to_string());
     }
+    if let Some(host) = host {
+        // h2load overrides its :authority (Host over HTTP/1.1) this way.
+        cmd.push("-H".into());
+        cmd.push(format!(":authority: {host}"));
+    }
     cmd.push(url(addr, load));
     Ok(cmd)
 }
 
 fn oha_command(
     addr: SocketAddr,
+    host: Option<&str>,
     load: &Load,
     scratch: &std::path::Path,
 ) -> anyhow::Result<Vec<String>> {
@@ -232,6 +264,10 @@ fn oha_command(
         cmd.push("POST".into());
         cmd.push("-D".into());
         cmd.push(post_body_file(scratch)?.display().to_string());
+    }
+    if let Some(host) = host {
+        cmd.push("--host".into());
+        cmd.push(host.to_string());
     }
     cmd.push(url(addr, load));
     Ok(cmd)
@@ -449,8 +485,10 @@ fn parse_oha(text: &str) -> anyhow::Result<Outcome> {
 /// The built-in client: hyper over `connections` connections, closed loop
 /// or paced; every request checked for a 2xx and a full body. For
 /// [`Mode::NewConnections`], `connections` loops that each connect, send
-/// one request and read the answer to the end.
-async fn builtin(addr: SocketAddr, load: &Load) -> anyhow::Result<Outcome> {
+/// one request and read the answer to the end. Requests name `host`, or
+/// else `addr`.
+async fn builtin(addr: SocketAddr, host: Option<&str>, load: &Load) -> anyhow::Result<Outcome> {
+    let authority = host.map_or_else(|| addr.to_string(), str::to_string);
     let start = Instant::now();
     let deadline = start + load.duration;
     let interval = match load.mode {
@@ -462,11 +500,12 @@ async fn builtin(addr: SocketAddr, load: &Load) -> anyhow::Result<Outcome> {
     let mut tasks = Vec::new();
     for _ in 0..load.connections {
         let load = *load;
+        let authority = authority.clone();
         tasks.push(tokio::spawn(async move {
             if load.mode == Mode::NewConnections {
-                builtin_new_connections(addr, load, deadline).await
+                builtin_new_connections(addr, &authority, load, deadline).await
             } else {
-                builtin_connection(addr, load, deadline, interval).await
+                builtin_connection(addr, &authority, load, deadline, interval).await
             }
         }));
     }
@@ -508,12 +547,13 @@ async fn builtin(addr: SocketAddr, load: &Load) -> anyhow::Result<Outcome> {
 /// connect to the end of the answer.
 async fn builtin_new_connections(
     addr: SocketAddr,
+    authority: &str,
     load: Load,
     deadline: Instant,
 ) -> anyhow::Result<(Vec<Duration>, u64)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n",
         load.request.path()
     );
     let mut latencies = Vec::new();
@@ -563,6 +603,7 @@ async fn builtin_new_connections(
 
 async fn builtin_connection(
     addr: SocketAddr,
+    authority: &str,
     load: Load,
     deadline: Instant,
     interval: Option<Duration>,
@@ -602,9 +643,9 @@ async fn builtin_connection(
                 let req = match load.proto {
                     Proto::H1 => http::Request::builder()
                         .uri(load.request.path())
-                        .header("host", addr.to_string()),
+                        .header("host", authority),
                     Proto::H2 => http::Request::builder()
-                        .uri(format!("http://{addr}{}", load.request.path())),
+                        .uri(format!("http://{authority}{}", load.request.path())),
                 }
                 .method(method)
                 .body(Full::new(body.clone()))?;
@@ -664,6 +705,45 @@ mod tests {
         assert!((o.seconds - 1.0).abs() < 1e-9);
         let l = o.latency.expect("latency");
         assert!((l.p50_us - 4190.0).abs() < 1e-6 && (l.p99_us - 19030.0).abs() < 1e-6);
+    }
+
+    fn load(proto: Proto, mode: Mode) -> Load {
+        Load {
+            proto,
+            request: Request::Small,
+            mode,
+            connections: 32,
+            streams: 1,
+            duration: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn a_host_override_reaches_every_tool_and_only_when_given() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 8080));
+        let scratch = std::env::temp_dir();
+        let h1 = load(Proto::H1, Mode::Closed);
+        let h2 = load(Proto::H2, Mode::Closed);
+        let fixed = load(Proto::H1, Mode::Fixed(1000));
+        let url = "http://127.0.0.1:8080/bytes?n=100".to_string();
+        let wrk = |host| wrk_command(addr, host, &h1, &scratch).expect("wrk argv");
+        let h2load = |host| h2load_command(addr, host, &h2, &scratch).expect("h2load argv");
+        let oha = |host| oha_command(addr, host, &fixed, &scratch).expect("oha argv");
+        // Without one, the argv is what it always was: the URL last, no
+        // header.
+        assert_eq!(
+            wrk(None),
+            ["wrk", "-t1", "-c32", "-d10s", "--latency", &url]
+        );
+        assert_eq!(h2load(None), ["h2load", "-c32", "-m1", "-D", "10", &url]);
+        assert!(!oha(None).iter().any(|a| a == "--host"));
+        let with = |argv: Vec<String>, flag: &str, value: &str| {
+            let n = argv.len();
+            assert_eq!(argv[n - 3..], [flag, value, url.as_str()], "{argv:?}");
+        };
+        with(wrk(Some("api.shop")), "-H", "Host: api.shop");
+        with(h2load(Some("api.shop")), "-H", ":authority: api.shop");
+        with(oha(Some("api.shop")), "--host", "api.shop");
     }
 
     #[test]

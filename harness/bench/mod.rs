@@ -1,6 +1,7 @@
 //! The side-by-side benchmark suite: the same load through a direct
 //! connection, the Outrigger sidecar pair (plaintext and mutual TLS between
-//! the sidecars), and nginx, HAProxy (each also with mutual TLS between its
+//! the sidecars, and plaintext through a shared outbound port routed on
+//! Host), and nginx, HAProxy (each also with mutual TLS between its
 //! hops) and pingora pairs, measured in one run and reported as ratios.
 //!
 //! `benches/suite.rs` runs it in full; `tests/bench_smoke.rs` runs a smoke
@@ -307,7 +308,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Results> {
         println!("== {} ({tool})", scenario.name);
         for rep in 0..options.repetitions {
             // Interleaved: A B C A B C, each proxy started fresh.
-            for &kind in paths.iter().filter(|k| k.supports(load.proto)) {
+            for &kind in paths.iter().filter(|k| k.supports(&load)) {
                 let run = measure(
                     kind,
                     scenario,
@@ -389,7 +390,15 @@ async fn measure(
         ..*load
     };
     if !options.warmup.is_zero() {
-        load::run("builtin", path.entry, &warm, options.pin, scratch).await?;
+        load::run(
+            "builtin",
+            path.entry,
+            path.host,
+            &warm,
+            options.pin,
+            scratch,
+        )
+        .await?;
     }
     // Noise: when pinned, whatever ran on CPU 1 besides the path's proxies
     // and the upstream; unpinned, whatever ran anywhere besides everything
@@ -400,7 +409,7 @@ async fn measure(
     let busy_before = sys::busy(noise_cpu);
     let upstream_before = sys::cpu_time_of(&upstream_pid);
     let start = Instant::now();
-    let outcome = load::run(tool, path.entry, load, options.pin, scratch).await?;
+    let outcome = load::run(tool, path.entry, path.host, load, options.pin, scratch).await?;
     let elapsed = start.elapsed();
     let proxies = sys::cpu_time_of(&path.proxy_pids).saturating_sub(proxies_before);
     let ours = sys::cpu_time(std::process::id()).saturating_sub(ours_before);
@@ -458,15 +467,26 @@ async fn measure_memory(
         streams: 1,
         duration: Duration::from_secs(2),
     };
-    load::run("builtin", path.entry, &load, options.pin, scratch).await?;
+    load::run(
+        "builtin",
+        path.entry,
+        path.host,
+        &load,
+        options.pin,
+        scratch,
+    )
+    .await?;
     let (after, hwm) = rss(&path.proxy_pids);
     // 1,000 client connections, each having made one request, then idle.
+    let request = format!(
+        "GET /bytes?n=100 HTTP/1.1\r\nHost: {}\r\n\r\n",
+        path.host.unwrap_or("bench")
+    );
     let mut conns = Vec::with_capacity(1000);
     for _ in 0..1000 {
         let mut s = tokio::net::TcpStream::connect(path.entry).await?;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        s.write_all(b"GET /bytes?n=100 HTTP/1.1\r\nHost: bench\r\n\r\n")
-            .await?;
+        s.write_all(request.as_bytes()).await?;
         let mut buf = [0u8; 512];
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
         conns.push(s);

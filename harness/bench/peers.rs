@@ -3,6 +3,7 @@
 //! ```text
 //! direct:    load → upstream
 //! outrigger: load → outbound sidecar → inbound sidecar → upstream
+//! outrigger-by-host: the same, through a shared outbound port routed on Host
 //! nginx:     load → nginx → nginx → upstream     (keep-alive upstream pools)
 //! haproxy:   load → haproxy → haproxy → upstream (http-reuse always)
 //! pingora:   load → pingora-peer → pingora-peer → upstream
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::load::{Mode, Proto};
+use super::load::{Load, Mode, Proto};
 use super::sys;
 use crate::certs::{IdentityFiles, Leaf, TestCa};
 use crate::{Pair, ProxyBuilder};
@@ -42,6 +43,11 @@ pub enum PathKind {
     Outrigger,
     #[serde(rename = "outrigger-mtls")]
     OutriggerMtls,
+    /// `outrigger` with the client sidecar's outbound a shared port
+    /// (`services: [api]`, listener `outbound/by-host`): the load sends
+    /// `Host: api.shop` and the sidecar picks the Service by it.
+    #[serde(rename = "outrigger-by-host")]
+    OutriggerByHost,
     Nginx,
     #[serde(rename = "nginx-mtls")]
     NginxMtls,
@@ -52,9 +58,10 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 8] = [
+    pub const ALL: [PathKind; 9] = [
         PathKind::Direct,
         PathKind::Outrigger,
+        PathKind::OutriggerByHost,
         PathKind::OutriggerMtls,
         PathKind::Nginx,
         PathKind::NginxMtls,
@@ -68,6 +75,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::Outrigger => "outrigger",
             PathKind::OutriggerMtls => "outrigger-mtls",
+            PathKind::OutriggerByHost => "outrigger-by-host",
             PathKind::Nginx => "nginx",
             PathKind::NginxMtls => "nginx-mtls",
             PathKind::Haproxy => "haproxy",
@@ -97,7 +105,10 @@ impl PathKind {
     /// `Err(how to get it)` when the peer is not on this machine.
     pub fn available(self) -> Result<(), String> {
         match self {
-            PathKind::Direct | PathKind::Outrigger | PathKind::OutriggerMtls => Ok(()),
+            PathKind::Direct
+            | PathKind::Outrigger
+            | PathKind::OutriggerMtls
+            | PathKind::OutriggerByHost => Ok(()),
             PathKind::Nginx | PathKind::NginxMtls if sys::have("nginx") => Ok(()),
             PathKind::Haproxy | PathKind::HaproxyMtls if sys::have("haproxy") => Ok(()),
             PathKind::Nginx | PathKind::NginxMtls | PathKind::Haproxy | PathKind::HaproxyMtls => Err(
@@ -129,11 +140,21 @@ impl PathKind {
         }
     }
 
-    /// Whether the path accepts this protocol from the load tool.
-    pub fn supports(self, proto: Proto) -> bool {
-        !(self == PathKind::Pingora && proto == Proto::H2)
+    /// Whether the path can carry this load: pingora-peer takes no h2c,
+    /// and a shared port routes HTTP only, so the by-host path sits out
+    /// the new-connection scenario (opaque TCP there).
+    pub fn supports(self, load: &Load) -> bool {
+        match self {
+            PathKind::Pingora => load.proto != Proto::H2,
+            PathKind::OutriggerByHost => load.mode != Mode::NewConnections,
+            _ => true,
+        }
     }
 }
+
+/// The Host (HTTP/1.1) or `:authority` (HTTP/2) the load sends to the
+/// by-host path: the Service shop/api as `NAME.NAMESPACE`.
+pub const BY_HOST_HOST: &str = "api.shop";
 
 /// The SPIFFE IDs of the two sides of the Outrigger pair (workloads
 /// shop/api and shop/web, service accounts defaulting to their names).
@@ -179,14 +200,25 @@ impl Certs {
 }
 
 /// The Outrigger client side: workload shop/web calling shop/api at
-/// `inbound`; with `identity`, over mTLS to a server that must be it.
-fn outrigger_client_config(inbound: SocketAddr, protocol: &str, identity: Option<&str>) -> String {
+/// `inbound`; with `identity`, over mTLS to a server that must be it;
+/// with `by_host`, through a shared outbound port that routes on Host.
+fn outrigger_client_config(
+    inbound: SocketAddr,
+    protocol: &str,
+    identity: Option<&str>,
+    by_host: bool,
+) -> String {
     let identity = identity
         .map(|id| format!("  identity: {id}\n"))
         .unwrap_or_default();
+    let outbound = if by_host {
+        "{port: 0, services: [api]}"
+    } else {
+        "{port: 0, service: api}"
+    };
     format!(
         "apiVersion: outrigger.io/v1alpha1\nkind: Workload\nmetadata: {{name: web, namespace: shop}}\n\
-         spec:\n  inbound: [{{name: main, port: 0, appPort: 9}}]\n  outbound: [{{port: 0, service: api}}]\n---\n\
+         spec:\n  inbound: [{{name: main, port: 0, appPort: 9}}]\n  outbound: [{outbound}]\n---\n\
          apiVersion: outrigger.io/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
          spec:\n  protocol: {protocol}\n{identity}  endpoints: [{{address: '{inbound}'}}]\n"
     )
@@ -205,6 +237,9 @@ pub fn pingora_binary() -> PathBuf {
 pub struct RunningPath {
     pub kind: PathKind,
     pub entry: SocketAddr,
+    /// The Host / `:authority` the load must send; `None`: the entry
+    /// address, as every path but outrigger-by-host takes.
+    pub host: Option<&'static str>,
     pub proxy_pids: Vec<u32>,
     /// Our sidecars, when the path is Outrigger (killed on drop).
     _pair: Option<Pair>,
@@ -273,6 +308,7 @@ pub async fn start(
     let mut path = RunningPath {
         kind,
         entry: upstream,
+        host: None,
         proxy_pids: Vec::new(),
         _pair: None,
         children: Vec::new(),
@@ -280,7 +316,7 @@ pub async fn start(
     };
     match kind {
         PathKind::Direct => {}
-        PathKind::Outrigger | PathKind::OutriggerMtls => {
+        PathKind::Outrigger | PathKind::OutriggerMtls | PathKind::OutriggerByHost => {
             let adjust = |b: ProxyBuilder| {
                 let b = b.arg("--log").arg("warn");
                 if pin {
@@ -291,6 +327,7 @@ pub async fn start(
             };
             let protocol = if per_connection { "tcp" } else { "http" };
             let mtls = kind.mtls();
+            let by_host = kind == PathKind::OutriggerByHost;
             let mut server = adjust(ProxyBuilder::new(
                 crate::mesh::server_config(upstream.port(), protocol),
                 "shop/api",
@@ -301,14 +338,19 @@ pub async fn start(
             let server = server.start().await;
             let inbound = server.listener("inbound/main");
             let mut client = adjust(ProxyBuilder::new(
-                outrigger_client_config(inbound, protocol, mtls.then_some(API_ID)),
+                outrigger_client_config(inbound, protocol, mtls.then_some(API_ID), by_host),
                 "shop/web",
             ));
             if mtls {
                 client = client.tls(&certs.web);
             }
             let client = client.start().await;
-            let outbound = client.listener("outbound/shop/api");
+            let outbound = if by_host {
+                path.host = Some(BY_HOST_HOST);
+                client.listener("outbound/by-host")
+            } else {
+                client.listener("outbound/shop/api")
+            };
             path.entry = outbound;
             path.proxy_pids = vec![client.pid(), server.pid()];
             path._pair = Some(Pair {
