@@ -85,6 +85,47 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    use crate::{access_log, authz, balance, circuit, egress, otlp, retry};
+    let counters = [
+        (retry::RETRIES_TOTAL, "Retries sent, by service and reason"),
+        (
+            retry::BUDGET_EXHAUSTED_TOTAL,
+            "Retries the retry budget refused",
+        ),
+        (
+            circuit::OVERFLOW_TOTAL,
+            "Requests refused at a circuit-breaker limit, by limit",
+        ),
+        (
+            balance::EJECTIONS_TOTAL,
+            "Endpoints ejected by outlier detection",
+        ),
+        (
+            authz::DENIED_TOTAL,
+            "Inbound requests and connections authorization refused",
+        ),
+        (
+            egress::DENIED_TOTAL,
+            "Requests to hosts the workload does not declare, refused",
+        ),
+        (otlp::SPANS_EXPORTED_TOTAL, "Spans the collector accepted"),
+        (
+            otlp::SPANS_DROPPED_TOTAL,
+            "Spans dropped: queue full or export failed",
+        ),
+        (
+            access_log::DROPPED_TOTAL,
+            "Access log lines dropped (queue full)",
+        ),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+    }
+    metrics::describe_gauge!(balance::EJECTED_ENDPOINTS, "Endpoints ejected now");
+    metrics::describe_gauge!(
+        balance::CIRCUIT_OPEN,
+        "1 while every endpoint of the service is ejected (requests fail fast)"
+    );
     metrics::describe_histogram!(
         REQUEST_SIZE,
         metrics::Unit::Bytes,
