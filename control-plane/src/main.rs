@@ -15,6 +15,7 @@ mod client;
 mod demo;
 mod discovery;
 mod hub;
+mod inject;
 mod metrics;
 mod resources;
 mod server;
@@ -111,6 +112,20 @@ enum Command {
     /// Check a policy file (multi-document YAML) and report every problem.
     Validate {
         /// The file to check.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Add the outrigger-proxy sidecar to the pod templates in Kubernetes
+    /// YAML (Deployments, StatefulSets, DaemonSets, Jobs, CronJobs, Pods,
+    /// Lists); prints the result. Other documents pass through unchanged.
+    Inject {
+        /// The file, or - for stdin.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Remove what `outrigger inject` added.
+    Uninject {
+        /// The file, or - for stdin.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
     },
@@ -266,6 +281,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { file } => return validate(&file),
+        Command::Inject { file } => return inject_command(&file, inject::inject),
+        Command::Uninject { file } => return inject_command(&file, inject::uninject),
         Command::Serve(args) => {
             init_logging(&args.log);
             runtime(2).and_then(|rt| rt.block_on(serve(args)))
@@ -395,7 +412,11 @@ async fn client_command(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Serve(_) | Command::Validate { .. } | Command::Demo { .. } => {
+        Command::Serve(_)
+        | Command::Validate { .. }
+        | Command::Inject { .. }
+        | Command::Uninject { .. }
+        | Command::Demo { .. } => {
             unreachable!("handled in main")
         }
     }
@@ -455,6 +476,47 @@ fn init_logging(filter: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+type Injector = fn(&str, &str) -> Result<(String, inject::Report), inject::InjectError>;
+
+/// Reads `file` (or stdin for `-`), writes the result to stdout and what
+/// was done to stderr.
+fn inject_command(file: &std::path::Path, run: Injector) -> ExitCode {
+    let (name, text) = if file.as_os_str() == "-" {
+        let mut text = String::new();
+        match std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            Ok(_) => ("stdin".to_string(), text),
+            Err(e) => {
+                eprintln!("error: cannot read stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        match std::fs::read_to_string(file) {
+            Ok(text) => (file.display().to_string(), text),
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    match run(&name, &text) {
+        Ok((out, report)) => {
+            print!("{out}");
+            for changed in &report.changed {
+                eprintln!("{changed}: changed");
+            }
+            for skipped in &report.skipped {
+                eprintln!("{skipped}: left as is");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn validate(file: &std::path::Path) -> ExitCode {
