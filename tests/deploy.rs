@@ -1,7 +1,8 @@
-//! The Prometheus alert rules pass `promtool check rules` and their unit
-//! tests (`promtool test rules`, synthetic series); every runbook they
-//! link exists; the Grafana dashboard is valid JSON that queries only
-//! metrics the sidecars and control plane export.
+//! What `deploy/` ships works with the real tools: the Prometheus alert
+//! rules pass `promtool check rules` and their unit tests (`promtool test
+//! rules`, synthetic series); every runbook they link exists; the Grafana
+//! dashboard is valid JSON that queries only metrics the sidecars and
+//! control plane export; the systemd unit passes `systemd-analyze verify`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -143,4 +144,29 @@ fn the_dashboard_queries_only_exported_metrics() {
             }
         }
     }
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An instance of the template, as `systemctl enable outrigger-proxy@web` makes.
+    let unit = dir.path().join("outrigger-proxy@web.service");
+    std::fs::copy(
+        repo().join("deploy/systemd/outrigger-proxy@.service"),
+        &unit,
+    )
+    .expect("copy");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (from systemd) must be installed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The binary is not installed here; anything else is a real problem.
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains("/usr/local/bin/outrigger-proxy is not executable"))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(problems.is_empty(), "{stderr}");
 }
