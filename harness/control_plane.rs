@@ -22,6 +22,8 @@ pub struct ControlPlane {
     pub grpc: SocketAddr,
     pub api: SocketAddr,
     pub admin: SocketAddr,
+    /// The admission webhook's address, when started with one.
+    pub webhook: Option<SocketAddr>,
     pub token: String,
     pub data_dir: PathBuf,
     log: PathBuf,
@@ -82,6 +84,7 @@ impl ControlPlane {
             grpc: addr("grpc"),
             api: addr("api"),
             admin: addr("admin"),
+            webhook: v["webhook"].as_str().and_then(|a| a.parse().ok()),
             token,
             data_dir: data_dir.to_path_buf(),
             log,

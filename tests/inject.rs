@@ -97,3 +97,82 @@ fn bad_input_is_an_error_naming_the_document() {
         "{stderr}"
     );
 }
+
+/// POSTs `body` to the webhook over TLS (HTTP/1.1); the raw answer.
+async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let config = outrigger_e2e::certs::outsider_client(None, &[b"http/1.1"]);
+    let name =
+        rustls::pki_types::ServerName::try_from("outrigger.outrigger-system.svc").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name.to_owned(), tcp)
+        .await
+        .expect("TLS handshake");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: outrigger\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.read_to_end(&mut out),
+    )
+    .await
+    .expect("answered in time")
+    .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn the_control_plane_serves_the_webhook_over_https() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let ca = outrigger_e2e::certs::TestCa::new("webhook root");
+    let files = ca.write(
+        data.path(),
+        "webhook",
+        outrigger_e2e::certs::Leaf::NoSpiffeId,
+    );
+    let (cert, key) = (
+        files.cert.to_str().expect("path"),
+        files.key.to_str().expect("path"),
+    );
+    let cp = outrigger_e2e::control_plane::ControlPlane::start_with(
+        &data.path().join("cp"),
+        &[
+            "--webhook-addr",
+            "127.0.0.1:0",
+            "--webhook-cert",
+            cert,
+            "--webhook-key",
+            key,
+        ],
+    )
+    .await;
+    let webhook = cp.webhook.expect("the webhook's address on the start line");
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0b1c",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE",
+            "namespace": "shop",
+            "object": {
+                "metadata": {"generateName": "web-7d4-", "labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "web:1"}]}
+            }
+        }
+    });
+    let answer = post(webhook, "/mutate", &review.to_string()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).expect("body");
+    let review: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(review["response"]["uid"], "0b1c");
+    assert_eq!(review["response"]["allowed"], true);
+    assert_eq!(review["response"]["patchType"], "JSONPatch");
+
+    let wrong = post(webhook, "/other", "{}").await;
+    assert!(wrong.starts_with("HTTP/1.1 404"), "{wrong}");
+}

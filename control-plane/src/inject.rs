@@ -170,7 +170,7 @@ fn annotation<'a>(meta: &'a Value, key: &str) -> Option<&'a str> {
     meta.get("annotations")?.get(key)?.as_str()
 }
 
-fn inject_pod(
+pub(crate) fn inject_pod(
     pod: &mut Mapping,
     owner: &Value,
     label: &str,

@@ -20,6 +20,7 @@ mod metrics;
 mod resources;
 mod server;
 mod store;
+mod webhook;
 pub use outrigger_config::timefmt;
 mod tokens;
 
@@ -242,6 +243,40 @@ struct ServeArgs {
         requires = "ca_cert"
     )]
     ca_key: Option<PathBuf>,
+    /// Serve the sidecar injector as a mutating admission webhook (HTTPS,
+    /// path /mutate) on this address, e.g. 0.0.0.0:15017.
+    #[arg(
+        long,
+        env = "OUTRIGGER_WEBHOOK_ADDR",
+        requires_all = ["webhook_cert", "webhook_key"]
+    )]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's serving certificate (PEM; leaf first), for the name
+    /// the API server calls it by, e.g. outrigger.outrigger-system.svc.
+    #[arg(
+        long,
+        env = "OUTRIGGER_WEBHOOK_CERT",
+        value_name = "FILE",
+        requires = "webhook_addr"
+    )]
+    webhook_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(
+        long,
+        env = "OUTRIGGER_WEBHOOK_KEY",
+        value_name = "FILE",
+        requires = "webhook_addr"
+    )]
+    webhook_key: Option<PathBuf>,
+    /// When a pod cannot be injected: admit it as it is (ignore) or
+    /// refuse it (fail).
+    #[arg(
+        long,
+        env = "OUTRIGGER_WEBHOOK_FAILURE_POLICY",
+        value_enum,
+        default_value = "ignore"
+    )]
+    webhook_failure_policy: webhook::FailurePolicy,
     /// The roots sidecars trust (PEM, several during a root rotation).
     /// Default: the CA certificate itself.
     #[arg(long, env = "OUTRIGGER_TRUST_BUNDLE", value_name = "FILE")]
@@ -439,6 +474,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         require_tokens: args.require_tokens,
     })
     .await?;
+    let webhook = match (&args.webhook_addr, &args.webhook_cert, &args.webhook_key) {
+        (Some(addr), Some(cert), Some(key)) => {
+            Some(webhook::serve(*addr, cert, key, args.webhook_failure_policy).await?)
+        }
+        _ => None,
+    };
     // One machine-readable line on stdout: scripts and tests learn the
     // bound ports (any of them may be port 0).
     let line = serde_json::json!({
@@ -446,6 +487,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "grpc": running.grpc_addr,
         "api": running.api_addr,
         "admin": running.admin_addr,
+        "webhook": webhook,
         "tokenFile": running.token_file,
         "revision": running.control_plane.state().revision,
     });
