@@ -170,3 +170,131 @@ fn the_systemd_unit_verifies() {
         .collect();
     assert!(problems.is_empty(), "{stderr}");
 }
+
+// === Kubernetes ===
+
+/// kubernetes-validate (PyPI, schemas bundled), installed by the
+/// project's script into target/ when missing.
+fn kubernetes_validate() -> PathBuf {
+    let bin = repo().join("target/kubernetes-validate/bin/kubernetes-validate");
+    if !bin.exists() {
+        let script = repo().join("deploy/kubernetes/install-validator.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .status()
+            .expect("run the installer");
+        assert!(
+            status.success(),
+            "{} failed: kubernetes-validate is needed",
+            script.display()
+        );
+    }
+    bin
+}
+
+/// Validates `files` against the Kubernetes OpenAPI schemas, strictly
+/// (unknown fields are errors).
+fn validate(files: &[PathBuf]) {
+    let out = Command::new(kubernetes_validate())
+        .arg("--strict")
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_kubernetes_manifests_validate() {
+    let dir = repo().join("deploy/kubernetes");
+    let kustomization =
+        std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization");
+    let files: Vec<PathBuf> = kustomization
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(|f| dir.join(f))
+        .collect();
+    assert_eq!(files.len(), 5, "every manifest is in the kustomization");
+    validate(&files);
+}
+
+fn outrigger(args: &[&str], input: &Path) -> String {
+    let out = Command::new(outrigger_e2e::proxy::bin_path("outrigger"))
+        .args(args)
+        .arg(input)
+        .output()
+        .expect("run outrigger");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// Each manifest in tests/fixtures/inject/ injects to its golden
+/// `.injected` file (set OUTRIGGER_UPDATE_GOLDEN=1 to rewrite them), the
+/// result validates, injecting again changes nothing, and uninjecting
+/// gives back the same objects.
+#[test]
+fn inject_golden_files_validate_and_round_trip() {
+    let fixtures = repo().join("tests/fixtures/inject");
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut outputs = Vec::new();
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&fixtures)
+        .expect("fixtures")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.to_string_lossy().ends_with(".yaml")
+                && !p.to_string_lossy().ends_with(".injected.yaml")
+        })
+        .collect();
+    inputs.sort();
+    assert!(inputs.len() >= 6);
+    for input in &inputs {
+        let injected = outrigger(&["inject", "-f"], input);
+        let golden = input.with_extension("injected.yaml");
+        if std::env::var_os("OUTRIGGER_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, &injected).expect("write golden");
+        }
+        let expected = std::fs::read_to_string(&golden).unwrap_or_else(|_| {
+            panic!(
+                "no {}; run with OUTRIGGER_UPDATE_GOLDEN=1",
+                golden.display()
+            )
+        });
+        assert_eq!(
+            injected,
+            expected,
+            "{} differs from its golden file",
+            input.display()
+        );
+
+        let out = work.path().join(golden.file_name().expect("name"));
+        std::fs::write(&out, &injected).expect("write");
+        assert_eq!(outrigger(&["inject", "-f"], &out), injected, "idempotent");
+        let back = outrigger(&["uninject", "-f"], &out);
+        let original = std::fs::read_to_string(input).expect("input");
+        assert_eq!(
+            docs(&back),
+            docs(&original),
+            "{}: uninject undoes inject",
+            input.display()
+        );
+        outputs.push(out);
+    }
+    validate(&inputs);
+    validate(&outputs);
+}
+
+fn docs(text: &str) -> Vec<serde_json::Value> {
+    text.split("\n---")
+        .filter_map(|d| serde_norway::from_str::<serde_json::Value>(d).ok())
+        .filter(|v| !v.is_null())
+        .collect()
+}

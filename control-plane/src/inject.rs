@@ -359,6 +359,10 @@ fn uninject_pod(pod: &mut Mapping, label: &str, report: &mut Report) -> bool {
         if empty {
             meta.remove("annotations");
         }
+        // Inject made the pod template's metadata if it had none.
+        if meta.is_empty() {
+            pod.remove("metadata");
+        }
     }
     if changed {
         report.changed.push(label.to_string());
