@@ -34,3 +34,53 @@ fn demo_runs_every_step_and_exits_cleanly() {
     );
     assert!(!stdout.contains("[FAIL]"), "{stdout}");
 }
+
+#[test]
+fn ctrl_c_stops_every_process_and_removes_the_temp_dir() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(outrigger_e2e::proxy::bin_path("outrigger"))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run outrigger demo");
+    let dir = std::env::temp_dir().join(format!("outrigger-demo-{}", child.id()));
+    // Wait until both sidecars run, and note their admin ports. Stdout is
+    // read to the end on its own thread, so the demo never writes into a
+    // closed pipe.
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(admin) = line.split("(admin ").nth(1) {
+                let _ = tx.send(admin.trim_end_matches(')').to_string());
+            }
+        }
+    });
+    let admins: Vec<String> = (0..2)
+        .filter_map(|_| rx.recv_timeout(std::time::Duration::from_secs(60)).ok())
+        .collect();
+    assert_eq!(
+        admins.len(),
+        2,
+        "the demo never said where its sidecars are"
+    );
+    assert!(dir.exists());
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exited = child.wait().expect("wait");
+    assert!(
+        !exited.success(),
+        "an interrupted demo does not claim success"
+    );
+    for admin in admins {
+        assert!(
+            std::net::TcpStream::connect(&admin).is_err(),
+            "a sidecar outlived the demo ({admin})"
+        );
+    }
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+}

@@ -92,7 +92,14 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
         ),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = run_in(&dir).await;
+    // On Ctrl-C or SIGTERM the demo's future is dropped, and with it every
+    // process it started (their handles kill them on drop).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = tokio::select! {
+        result = run_in(&dir) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted: the demo's processes are stopped")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated: the demo's processes are stopped")),
+    };
     if remove_after {
         let _ = std::fs::remove_dir_all(&dir);
     }
