@@ -13,7 +13,7 @@ fn demo_runs_every_step_and_exits_cleanly() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("All 13 steps passed."), "{stdout}");
+    assert!(stdout.contains("All 15 steps passed."), "{stdout}");
     assert!(
         stdout.contains("[ok] over mTLS the app sees the verified caller")
             && stdout.contains("web = spiffe://cluster.local/ns/shop/sa/web"),
@@ -29,7 +29,9 @@ fn demo_runs_every_step_and_exits_cleanly() {
     );
     assert!(
         stdout.contains("[ok] a retry saves a request to a flaky endpoint")
-            && stdout.contains("[ok] a failing endpoint is ejected and the circuit opens"),
+            && stdout.contains("[ok] a failing endpoint is ejected and the circuit opens")
+            && stdout.contains("[ok] api's allow-list refuses")
+            && stdout.contains("[ok] one trace id through two hops"),
         "{stdout}"
     );
     assert!(!stdout.contains("[FAIL]"), "{stdout}");

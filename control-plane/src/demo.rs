@@ -270,6 +270,36 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         detail: format!("{status}: {}", first_line(&body)),
     });
 
+    // 4a. The allow-list: web may read api, not delete.
+    let req = Request::delete(format!("http://{to_api}/orders/7")).body(Full::new(Bytes::new()))?;
+    let (status, body) = send(&h1, req).await?;
+    steps.push(Step {
+        what: "api's allow-list refuses what its policy does not allow (403)",
+        ok: status == StatusCode::FORBIDDEN,
+        detail: format!(
+            "DELETE /orders/7 from web → {status}: {}",
+            first_line(&body)
+        ),
+    });
+
+    // 4a'. One trace through two hops: the caller's trace id reaches the
+    // app, each sidecar a span (a new parent id) of it.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let req = Request::get(format!("http://{to_api}/hello"))
+        .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+        .body(Full::new(Bytes::new()))?;
+    let (status, body) = send(&h1, req).await?;
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let at_app = seen["traceparent"].as_str().unwrap_or("").to_string();
+    steps.push(Step {
+        what: "one trace id through two hops, a span per sidecar",
+        ok: status == StatusCode::OK
+            && at_app.starts_with(&format!("00-{trace}-"))
+            && !at_app.contains(caller_span),
+        detail: format!("sent traceparent 00-{trace}-{caller_span}-01; the app saw {at_app}"),
+    });
+
     // 4b. The billing endpoint keeps failing: outlier detection ejects it
     // (3 in a row), and with no endpoint left the circuit is open: 503 at
     // once, billing untouched.
@@ -689,14 +719,17 @@ spec:
       appPort: {api_app_port}
       service: api
 ---
-# Zero trust: api accepts the web workload's sidecar, nobody else.
+# Zero trust: api accepts the web workload's sidecar, nobody else, and
+# only to read.
 apiVersion: outrigger.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {{name: api-callers, namespace: shop}}
 spec:
   workload: api
   action: ALLOW
-  rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
+  rules:
+    - from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}
+      to: {{methods: [GET, HEAD]}}
 ---
 # web calls two services through ports of their own, and api through a
 # port shared by Host header too. These are all it may reach: its egress
@@ -809,6 +842,7 @@ async fn api_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
         "xForwardedFor": header("x-forwarded-for"),
         "clientId": header("x-outrigger-client-id"),
         "retryAttempt": header("x-outrigger-retry-attempt"),
+        "traceparent": header("traceparent"),
     });
     Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
 }
