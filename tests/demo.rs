@@ -13,10 +13,11 @@ fn demo_runs_every_step_and_exits_cleanly() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("All 15 steps passed."), "{stdout}");
+    assert!(stdout.contains("All 14 steps passed."), "{stdout}");
     assert!(
         stdout.contains("[ok] over mTLS the app sees the verified caller")
-            && stdout.contains("web = spiffe://cluster.local/ns/shop/sa/web"),
+            && stdout.contains("web = spiffe://cluster.local/ns/shop/sa/web")
+            && stdout.contains("billing = spiffe://cluster.local/ns/shop/sa/billing"),
         "{stdout}"
     );
     assert!(

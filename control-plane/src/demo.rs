@@ -109,7 +109,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 async fn run_in(dir: &Path) -> anyhow::Result<()> {
     let proxy_bin = sibling_binary("outrigger-proxy")?;
     println!(
-        "Outrigger demo: a control plane and a two-sidecar mesh on loopback (mutual TLS between sidecars)\n"
+        "Outrigger demo: a control plane and three services with sidecars on loopback (mutual TLS between sidecars)\n"
     );
     let h1: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let h2: HttpClient = Client::builder(TokioExecutor::new())
@@ -123,14 +123,12 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
     );
 
     let api_app = start_api_app().await?;
-    println!("  api app        listening on {api_app}");
-    let unreachable = {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        l.local_addr()?
-    };
+    println!("  api app        listening on {api_app} (its /flaky fails every other time)");
+    let billing_app = start_billing_app().await?;
+    println!("  billing app    listening on {billing_app} (failing: every answer is a 503)");
 
     // The policy goes in through the REST API, as `outrigger apply` does.
-    let policy = mesh_policy(api_app.port(), unreachable, "500ms");
+    let policy = mesh_policy(api_app.port(), billing_app.port(), "500ms");
     std::fs::write(dir.join("mesh.yaml"), &policy)?;
     let applied = cp.apply(&h1, &policy).await?;
     println!(
@@ -140,19 +138,26 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
 
     // Each sidecar proves its workload with a bootstrap token and gets its
     // certificate from the control plane's CA.
-    for workload in ["shop/api", "shop/web"] {
+    for workload in ["shop/api", "shop/billing", "shop/web"] {
         let file = dir.join(format!("{}.token", workload.replace('/', "-")));
         cp.token_file(&h1, workload, &file).await?;
     }
     let grpc = format!("http://{}", cp.grpc);
     let mut api = start_sidecar(&proxy_bin, "api", &grpc, "shop/api", dir)?;
+    let mut billing = start_sidecar(&proxy_bin, "billing", &grpc, "shop/billing", dir)?;
     let mut web = start_sidecar(&proxy_bin, "web", &grpc, "shop/web", dir)?;
     api.wait_configured(&h1).await?;
+    billing.wait_configured(&h1).await?;
     web.wait_configured(&h1).await?;
     let api_inbound = api.listener("inbound/http")?;
     println!(
         "  api sidecar    inbound {api_inbound} → app {api_app}, registered as an endpoint of shop/api (admin {})",
         api.admin
+    );
+    println!(
+        "  billing sidecar inbound {} → app {billing_app}, registered as an endpoint of shop/billing (admin {})",
+        billing.listener("inbound/http")?,
+        billing.admin
     );
     let to_api = web.listener("outbound/shop/api")?;
     let to_billing = web.listener("outbound/shop/billing")?;
@@ -168,12 +173,13 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
     // web hears of api's endpoint once api has ACKed its first snapshot,
     // and both need their certificates.
     wait_until_ok(&h1, &format!("http://{to_api}/hello")).await?;
+    wait_until_registered(&h1, &web, "shop/billing").await?;
 
     let mut steps = Vec::new();
 
     // 0. Who is who: certificates from the control plane's CA.
     let mut ids = Vec::new();
-    for sidecar in [&web, &api] {
+    for sidecar in [&web, &api, &billing] {
         let config = get_json(&h1, &format!("http://{}/config", sidecar.admin)).await?;
         ids.push((
             sidecar.name,
@@ -261,15 +267,6 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         ),
     });
 
-    // 4. A service whose endpoint is down.
-    let req = Request::get(format!("http://{to_billing}/")).body(Full::new(Bytes::new()))?;
-    let (status, body) = send(&h1, req).await?;
-    steps.push(Step {
-        what: "unreachable service → 502 naming it",
-        ok: status == StatusCode::BAD_GATEWAY,
-        detail: format!("{status}: {}", first_line(&body)),
-    });
-
     // 4a. The allow-list: web may read api, not delete.
     let req = Request::delete(format!("http://{to_api}/orders/7")).body(Full::new(Bytes::new()))?;
     let (status, body) = send(&h1, req).await?;
@@ -300,26 +297,27 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         detail: format!("sent traceparent 00-{trace}-{caller_span}-01; the app saw {at_app}"),
     });
 
-    // 4b. The billing endpoint keeps failing: outlier detection ejects it
-    // (3 in a row), and with no endpoint left the circuit is open: 503 at
-    // once, billing untouched.
-    let mut statuses = Vec::new();
+    // 4b. billing keeps failing: outlier detection ejects its endpoint
+    // (3 failures in a row), and with no endpoint left the circuit is
+    // open: web's sidecar answers 503 at once and leaves billing alone.
+    let mut answers = Vec::new();
     let mut open = None;
-    for _ in 0..5 {
+    for _ in 0..6 {
         let req = Request::get(format!("http://{to_billing}/")).body(Full::new(Bytes::new()))?;
         let (status, body) = send(&h1, req).await?;
-        statuses.push(status.as_u16().to_string());
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            open = Some(first_line(&body));
+        let line = first_line(&body);
+        if line.contains("ejected") {
+            open = Some(line);
             break;
         }
+        answers.push(format!("{} from billing", status.as_u16()));
     }
     steps.push(Step {
         what: "a failing endpoint is ejected and the circuit opens (fail fast)",
         ok: open.is_some(),
         detail: format!(
-            "billing answered {}: {}",
-            statuses.join(", "),
+            "{}, then web's sidecar itself: {}",
+            answers.join(", "),
             open.unwrap_or_default()
         ),
     });
@@ -360,7 +358,7 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
     // pushed to the web sidecar, and the slow call now succeeds.
     let (web_pid, before) = (web.child.id(), web.version(&h1).await?);
     let applied = cp
-        .apply(&h1, &mesh_policy(api_app.port(), unreachable, "2s"))
+        .apply(&h1, &mesh_policy(api_app.port(), billing_app.port(), "2s"))
         .await?;
     let pushed = Instant::now();
     let after = loop {
@@ -404,13 +402,13 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         .collect();
     steps.push(Step {
         what: "proxy-status: every sidecar runs the latest policy",
-        ok: proxies.len() == 2 && proxies.iter().all(|p| p.ends_with("SYNCED")),
+        ok: proxies.len() == 3 && proxies.iter().all(|p| p.ends_with("SYNCED")),
         detail: proxies.join(", "),
     });
 
     // 8. Graceful shutdown.
     let mut exits = Vec::new();
-    for mut sidecar in [web, api] {
+    for mut sidecar in [web, api, billing] {
         exits.push((sidecar.name, stop(&mut sidecar.child).await?));
     }
     exits.push(("control plane", stop(&mut cp.child).await?));
@@ -495,6 +493,30 @@ async fn wait_until_ok(client: &HttpClient, url: &str) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!("{url} never answered 200");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `sidecar` has an endpoint for `service` (its `/config`),
+/// without sending the service a request.
+async fn wait_until_registered(
+    client: &HttpClient,
+    sidecar: &Sidecar,
+    service: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let config = get_json(client, &format!("http://{}/config", sidecar.admin)).await?;
+        let endpoints = &config["endpoints"][service]["endpoints"];
+        if endpoints.as_array().is_some_and(|e| !e.is_empty()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} sidecar never learned an endpoint of {service}",
+                sidecar.name
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -704,7 +726,7 @@ async fn stop(child: &mut Child) -> anyhow::Result<bool> {
 }
 
 /// The whole mesh, as an operator would apply it.
-fn mesh_policy(api_app_port: u16, unreachable: SocketAddr, request_timeout: &str) -> String {
+fn mesh_policy(api_app_port: u16, billing_app_port: u16, request_timeout: &str) -> String {
     format!(
         r#"# api: peers reach its sidecar's inbound port (any free one), which
 # forwards to the api app on 127.0.0.1:{api_app_port}. The sidecar registers
@@ -756,12 +778,30 @@ metadata: {{name: api, namespace: shop}}
 spec:
   protocol: http       # endpoints: registered by the api sidecar
 ---
+# billing: a second backend, with its own sidecar; web may call it.
+apiVersion: outrigger.io/v1alpha1
+kind: Workload
+metadata: {{name: billing, namespace: shop}}
+spec:
+  inbound:
+    - name: http
+      port: 0
+      appPort: {billing_app_port}
+      service: billing
+---
+apiVersion: outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: billing-callers, namespace: shop}}
+spec:
+  workload: billing
+  action: ALLOW
+  rules: [{{from: {{principals: ['spiffe://cluster.local/ns/shop/sa/web']}}}}]
+---
 apiVersion: outrigger.io/v1alpha1
 kind: Service
 metadata: {{name: billing, namespace: shop}}
 spec:
-  endpoints:
-    - address: "{unreachable}"   # nothing listens here
+  protocol: http       # endpoints: registered by the billing sidecar
 ---
 apiVersion: outrigger.io/v1alpha1
 kind: TrafficPolicy
@@ -775,8 +815,9 @@ spec:
     attempts: 3
     retryOn: [gateway-error, connect-failure]
 ---
-# billing's endpoint is down: after 3 failures in a row it is ejected, and
-# with no endpoint left requests fail fast (503) instead of waiting on it.
+# billing is failing: after 3 failures in a row its endpoint is ejected,
+# and with no endpoint left requests fail fast (503) instead of adding to
+# its load.
 apiVersion: outrigger.io/v1alpha1
 kind: TrafficPolicy
 metadata: {{name: billing, namespace: shop}}
@@ -787,6 +828,31 @@ spec:
     baseEjectionTime: 30s
 "#
     )
+}
+
+/// The sample billing app: down for maintenance, every answer a 503.
+async fn start_billing_app() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    let mut rsp =
+                        Response::new(Full::new(Bytes::from("billing: down for maintenance\n")));
+                    *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    Ok::<_, Infallible>(rsp)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
 }
 
 /// The sample api app: `/slow` takes 1 s, anything else answers with what
