@@ -18,6 +18,8 @@ async fn every_configuration_serves_requests_without_errors() {
         PathKind::Direct,
         PathKind::Outrigger,
         PathKind::OutriggerByHost,
+        PathKind::OutriggerResilience,
+        PathKind::OutriggerTraced,
     ] {
         assert!(ran.contains(&always), "{always:?} never ran");
     }
@@ -33,6 +35,16 @@ async fn every_configuration_serves_requests_without_errors() {
             "{} via {:?} had errors",
             run.scenario, run.path
         );
+    }
+    // The traced path's sidecars exported spans (how many were dropped
+    // depends on the machine's load, so it is not asserted).
+    for run in results
+        .runs
+        .iter()
+        .filter(|r| r.path == PathKind::OutriggerTraced)
+    {
+        let spans = run.spans.expect("span counts");
+        assert!(spans.exported > 0, "{}: no span exported", run.scenario);
     }
     // Every present path ran every scenario it supports.
     let expected: usize = options

@@ -1,7 +1,8 @@
 //! The side-by-side benchmark suite: the same load through a direct
 //! connection, the Outrigger sidecar pair (plaintext and mutual TLS between
-//! the sidecars, and plaintext through a shared outbound port routed on
-//! Host), and nginx, HAProxy (each also with mutual TLS between its
+//! the sidecars, plaintext through a shared outbound port routed on
+//! Host, with every resilience feature on, and with every request traced),
+//! and nginx, HAProxy (each also with mutual TLS between its
 //! hops) and pingora pairs, measured in one run and reported as ratios.
 //!
 //! `benches/suite.rs` runs it in full; `tests/bench_smoke.rs` runs a smoke
@@ -165,6 +166,9 @@ pub struct Run {
     pub rate: Option<u64>,
     /// One request per new connection ([`Mode::NewConnections`]).
     pub new_connections: bool,
+    /// Spans exported and dropped by the path's sidecars by the end of
+    /// the run, warm-up included (the traced path only).
+    pub spans: Option<peers::SpanCounts>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -421,6 +425,7 @@ async fn measure(
         proxies + ours + upstream_cpu + outcome.tool_cpu
     };
     let other_cores = busy.saturating_sub(known).as_secs_f64() / elapsed.as_secs_f64();
+    let spans = path.span_counts().await;
     let requests = outcome.requests.max(1) as f64;
     Ok(Run {
         scenario: scenario.name.clone(),
@@ -434,6 +439,7 @@ async fn measure(
             Mode::Closed | Mode::NewConnections => None,
         },
         new_connections: load.mode == Mode::NewConnections,
+        spans,
         outcome,
     })
 }

@@ -4,6 +4,10 @@
 //! direct:    load → upstream
 //! outrigger: load → outbound sidecar → inbound sidecar → upstream
 //! outrigger-by-host: the same, through a shared outbound port routed on Host
+//! outrigger-resilience: outrigger with retries, outlier detection, circuit
+//!                       breaker and P2C-EWMA in a TrafficPolicy for shop/api
+//! outrigger-traced: outrigger with every request sampled, spans exported
+//!                   over OTLP/gRPC to a collector in the bench process
 //! nginx:     load → nginx → nginx → upstream     (keep-alive upstream pools)
 //! haproxy:   load → haproxy → haproxy → upstream (http-reuse always)
 //! pingora:   load → pingora-peer → pingora-peer → upstream
@@ -34,6 +38,8 @@ use serde::Serialize;
 use super::load::{Load, Mode, Proto};
 use super::sys;
 use crate::certs::{IdentityFiles, Leaf, TestCa};
+use crate::otlp::Collector;
+use crate::proxy::metric_sum;
 use crate::{Pair, ProxyBuilder};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -48,6 +54,14 @@ pub enum PathKind {
     /// `Host: api.shop` and the sidecar picks the Service by it.
     #[serde(rename = "outrigger-by-host")]
     OutriggerByHost,
+    /// `outrigger` with [`RESILIENCE_POLICY`] on the client sidecar: every
+    /// resilience feature on, though the happy path never retries.
+    #[serde(rename = "outrigger-resilience")]
+    OutriggerResilience,
+    /// `outrigger` with both sidecars sampling every request and exporting
+    /// its span to a [`Collector`] in the bench process ([`tracing_mesh`]).
+    #[serde(rename = "outrigger-traced")]
+    OutriggerTraced,
     Nginx,
     #[serde(rename = "nginx-mtls")]
     NginxMtls,
@@ -58,10 +72,12 @@ pub enum PathKind {
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 9] = [
+    pub const ALL: [PathKind; 11] = [
         PathKind::Direct,
         PathKind::Outrigger,
         PathKind::OutriggerByHost,
+        PathKind::OutriggerResilience,
+        PathKind::OutriggerTraced,
         PathKind::OutriggerMtls,
         PathKind::Nginx,
         PathKind::NginxMtls,
@@ -76,6 +92,8 @@ impl PathKind {
             PathKind::Outrigger => "outrigger",
             PathKind::OutriggerMtls => "outrigger-mtls",
             PathKind::OutriggerByHost => "outrigger-by-host",
+            PathKind::OutriggerResilience => "outrigger-resilience",
+            PathKind::OutriggerTraced => "outrigger-traced",
             PathKind::Nginx => "nginx",
             PathKind::NginxMtls => "nginx-mtls",
             PathKind::Haproxy => "haproxy",
@@ -108,7 +126,9 @@ impl PathKind {
             PathKind::Direct
             | PathKind::Outrigger
             | PathKind::OutriggerMtls
-            | PathKind::OutriggerByHost => Ok(()),
+            | PathKind::OutriggerByHost
+            | PathKind::OutriggerResilience
+            | PathKind::OutriggerTraced => Ok(()),
             PathKind::Nginx | PathKind::NginxMtls if sys::have("nginx") => Ok(()),
             PathKind::Haproxy | PathKind::HaproxyMtls if sys::have("haproxy") => Ok(()),
             PathKind::Nginx | PathKind::NginxMtls | PathKind::Haproxy | PathKind::HaproxyMtls => Err(
@@ -140,13 +160,16 @@ impl PathKind {
         }
     }
 
-    /// Whether the path can carry this load: pingora-peer takes no h2c,
-    /// and a shared port routes HTTP only, so the by-host path sits out
-    /// the new-connection scenario (opaque TCP there).
+    /// Whether the path can carry this load: pingora-peer takes no h2c.
+    /// A shared port routes HTTP only, and retries, outlier detection and
+    /// spans are for HTTP, so the by-host, resilience and traced paths sit
+    /// out the new-connection scenario (opaque TCP there).
     pub fn supports(self, load: &Load) -> bool {
         match self {
             PathKind::Pingora => load.proto != Proto::H2,
-            PathKind::OutriggerByHost => load.mode != Mode::NewConnections,
+            PathKind::OutriggerByHost
+            | PathKind::OutriggerResilience
+            | PathKind::OutriggerTraced => load.mode != Mode::NewConnections,
             _ => true,
         }
     }
@@ -155,6 +178,32 @@ impl PathKind {
 /// The Host (HTTP/1.1) or `:authority` (HTTP/2) the load sends to the
 /// by-host path: the Service shop/api as `NAME.NAMESPACE`.
 pub const BY_HOST_HOST: &str = "api.shop";
+
+/// The outrigger-resilience path's TrafficPolicy for shop/api, on the
+/// client sidecar: up to 3 attempts, outlier detection and the circuit
+/// breaker's limits at their defaults, and P2C over peak-EWMA (also the
+/// default). The upstream always answers 200, so no request is retried
+/// and no endpoint ejected.
+pub const RESILIENCE_POLICY: &str = "---
+apiVersion: outrigger.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  service: api
+  retries: {attempts: 3, retryOn: [gateway-error, connect-failure]}
+  outlierDetection: {}
+  circuitBreaker: {}
+  loadBalancer: p2c-ewma
+";
+
+/// The outrigger-traced path's Mesh, on both sidecars: every new trace
+/// sampled, spans to the collector at `url`.
+pub fn tracing_mesh(url: &str) -> String {
+    format!(
+        "---\napiVersion: outrigger.io/v1alpha1\nkind: Mesh\nmetadata: {{name: mesh}}\n\
+         spec: {{tracing: {{samplingPercent: 100, otlpEndpoint: '{url}'}}}}\n"
+    )
+}
 
 /// The SPIFFE IDs of the two sides of the Outrigger pair (workloads
 /// shop/api and shop/web, service accounts defaulting to their names).
@@ -242,10 +291,38 @@ pub struct RunningPath {
     pub host: Option<&'static str>,
     pub proxy_pids: Vec<u32>,
     /// Our sidecars, when the path is Outrigger (killed on drop).
-    _pair: Option<Pair>,
+    pair: Option<Pair>,
+    /// The OTLP receiver of the traced path (stopped on drop).
+    collector: Option<Collector>,
     /// Peer processes (killed on drop).
     children: Vec<Child>,
     _dir: tempfile::TempDir,
+}
+
+/// Spans the two sidecars of a path exported and dropped so far (warm-up
+/// included), from their `/metrics`.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SpanCounts {
+    pub exported: u64,
+    pub dropped: u64,
+}
+
+impl RunningPath {
+    /// `None` unless the path exports spans.
+    pub async fn span_counts(&self) -> Option<SpanCounts> {
+        self.collector.as_ref()?;
+        let pair = self.pair.as_ref()?;
+        let mut counts = SpanCounts {
+            exported: 0,
+            dropped: 0,
+        };
+        for sidecar in [&pair.client, &pair.server] {
+            let (_, body) = sidecar.admin_get("/metrics").await;
+            counts.exported += metric_sum(&body, "outrigger_spans_exported_total", &[]) as u64;
+            counts.dropped += metric_sum(&body, "outrigger_spans_dropped_total", &[]) as u64;
+        }
+        Some(counts)
+    }
 }
 
 impl Drop for RunningPath {
@@ -310,13 +387,18 @@ pub async fn start(
         entry: upstream,
         host: None,
         proxy_pids: Vec::new(),
-        _pair: None,
+        pair: None,
+        collector: None,
         children: Vec::new(),
         _dir: tempfile::tempdir()?,
     };
     match kind {
         PathKind::Direct => {}
-        PathKind::Outrigger | PathKind::OutriggerMtls | PathKind::OutriggerByHost => {
+        PathKind::Outrigger
+        | PathKind::OutriggerMtls
+        | PathKind::OutriggerByHost
+        | PathKind::OutriggerResilience
+        | PathKind::OutriggerTraced => {
             let adjust = |b: ProxyBuilder| {
                 let b = b.arg("--log").arg("warn");
                 if pin {
@@ -328,8 +410,19 @@ pub async fn start(
             let protocol = if per_connection { "tcp" } else { "http" };
             let mtls = kind.mtls();
             let by_host = kind == PathKind::OutriggerByHost;
+            // Documents added to both sidecars' configs, and to the client's.
+            let mut both = String::new();
+            let mut client_only = "";
+            if kind == PathKind::OutriggerTraced {
+                let collector = Collector::start().await;
+                both = tracing_mesh(&collector.url());
+                path.collector = Some(collector);
+            }
+            if kind == PathKind::OutriggerResilience {
+                client_only = RESILIENCE_POLICY;
+            }
             let mut server = adjust(ProxyBuilder::new(
-                crate::mesh::server_config(upstream.port(), protocol),
+                crate::mesh::server_config(upstream.port(), protocol) + &both,
                 "shop/api",
             ));
             if mtls {
@@ -338,7 +431,9 @@ pub async fn start(
             let server = server.start().await;
             let inbound = server.listener("inbound/main");
             let mut client = adjust(ProxyBuilder::new(
-                outrigger_client_config(inbound, protocol, mtls.then_some(API_ID), by_host),
+                outrigger_client_config(inbound, protocol, mtls.then_some(API_ID), by_host)
+                    + client_only
+                    + &both,
                 "shop/web",
             ));
             if mtls {
@@ -353,7 +448,7 @@ pub async fn start(
             };
             path.entry = outbound;
             path.proxy_pids = vec![client.pid(), server.pid()];
-            path._pair = Some(Pair {
+            path.pair = Some(Pair {
                 server,
                 client,
                 outbound,

@@ -26,8 +26,12 @@ pub fn run_line(run: &Run) -> String {
         .map(|l| format!("p50 {:.0} µs p99 {:.0} µs", l.p50_us, l.p99_us))
         .or_else(|| o.mean_us.map(|m| format!("mean {m:.0} µs")))
         .unwrap_or_default();
+    let spans = run
+        .spans
+        .map(|s| format!("  spans exported {} dropped {}", s.exported, s.dropped))
+        .unwrap_or_default();
     format!(
-        "{:<9} rep {} {:>9.0} req/s  {lat:<26} proxy CPU {:6.1} ms/1k req  errors {}  other {:.2} cores{}",
+        "{:<9} rep {} {:>9.0} req/s  {lat:<26} proxy CPU {:6.1} ms/1k req  errors {}  other {:.2} cores{}{spans}",
         run.path.name(),
         run.repetition,
         o.rps(),
@@ -170,6 +174,7 @@ pub fn markdown(results: &Results) -> String {
         }
     }
     mtls_cost(&mut md, results, &scenarios);
+    over_outrigger(&mut md, results, &scenarios);
     for scenario in scenarios {
         let runs: Vec<&Run> = results
             .runs
@@ -327,6 +332,70 @@ fn mtls_cost(md: &mut String, results: &Results, scenarios: &[&str]) {
             );
         }
         let _ = writeln!(md, "{line}");
+    }
+}
+
+/// One table: the by-host, resilience and traced paths over the plain
+/// outrigger path, per scenario, same batch (ratios of medians).
+fn over_outrigger(md: &mut String, results: &Results, scenarios: &[&str]) {
+    let kinds: Vec<PathKind> = [
+        PathKind::OutriggerByHost,
+        PathKind::OutriggerResilience,
+        PathKind::OutriggerTraced,
+    ]
+    .into_iter()
+    .filter(|k| results.runs.iter().any(|r| r.path == *k))
+    .collect();
+    if kinds.is_empty() || !results.runs.iter().any(|r| r.path == PathKind::Outrigger) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Over the plain outrigger path\n\nEach path's median over outrigger's, same batch: req/s (above 1× is faster), proxy CPU per request, p50 and p99 (above 1× costs more; h2load gives a mean instead).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | path | req/s | proxy CPU | p50 (mean) | p99 |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|");
+    for scenario in scenarios {
+        let median_of = |kind: PathKind, f: &dyn Fn(&Run) -> Option<f64>| {
+            median(
+                results
+                    .runs
+                    .iter()
+                    .filter(|r| r.scenario == *scenario && r.path == kind)
+                    .filter_map(f),
+            )
+        };
+        let rps = |r: &Run| Some(r.outcome.rps());
+        let cpu = |r: &Run| Some(r.proxy_cpu_ms_per_1k);
+        let p50 = |r: &Run| {
+            r.outcome
+                .latency
+                .as_ref()
+                .map(|l| l.p50_us)
+                .or(r.outcome.mean_us)
+        };
+        let p99 = |r: &Run| r.outcome.latency.as_ref().map(|l| l.p99_us);
+        for kind in &kinds {
+            let cell = |f: &dyn Fn(&Run) -> Option<f64>| match median_of(*kind, f) {
+                Some(a) => ratio(a, median_of(PathKind::Outrigger, f)),
+                None => "–".to_string(),
+            };
+            if median_of(*kind, &rps).is_none() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {scenario} | {} | {} | {} | {} | {} |",
+                kind.name(),
+                cell(&rps),
+                cell(&cpu),
+                cell(&p50),
+                cell(&p99)
+            );
+        }
     }
 }
 
