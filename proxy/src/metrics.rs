@@ -209,6 +209,8 @@ pub struct RequestMetrics {
     response_sizes: Histogram,
     /// Inbound only: requests by the caller's verified SPIFFE ID.
     by_identity: Option<ArcSwap<IdentityCounters>>,
+    /// Inbound only: requests without a verified caller (no mTLS).
+    unidentified: Option<[Counter; 5]>,
 }
 
 impl RequestMetrics {
@@ -224,6 +226,11 @@ impl RequestMetrics {
             request_sizes: metrics::histogram!(REQUEST_SIZE, "direction" => direction, "service" => name.clone()),
             response_sizes: metrics::histogram!(RESPONSE_SIZE, "direction" => direction, "service" => name.clone()),
             by_identity: (direction == "inbound").then(ArcSwap::default),
+            unidentified: (direction == "inbound").then(|| {
+                CLASSES.map(|class| {
+                    metrics::counter!(REQUESTS_BY_IDENTITY, "service" => name.clone(), "identity" => "none", "status_class" => class)
+                })
+            }),
             service: name,
             totals,
             durations,
@@ -234,19 +241,28 @@ impl RequestMetrics {
         let i = class_index(status);
         self.totals[i].increment(1);
         self.durations[i].record(start.elapsed().as_secs_f64());
-        if let Some(counters) = self.identity_counters(identity) {
-            counters[i].increment(1);
+        match identity {
+            Some(identity) => {
+                if let Some(counters) = self.identity_counters(identity) {
+                    counters[i].increment(1);
+                }
+            }
+            None => {
+                if let Some(counters) = &self.unidentified {
+                    counters[i].increment(1);
+                }
+            }
         }
     }
 
     /// The counters for a caller: a lock-free read; the first request from
     /// a new identity registers them (copy on write, rare).
-    fn identity_counters(&self, identity: Option<&Arc<str>>) -> Option<Arc<[Counter; 5]>> {
+    fn identity_counters(&self, identity: &Arc<str>) -> Option<Arc<[Counter; 5]>> {
         let cache = self.by_identity.as_ref()?;
-        let key: Arc<str> = identity.cloned().unwrap_or_else(|| Arc::from("none"));
-        if let Some(counters) = cache.load().get(&key) {
+        if let Some(counters) = cache.load().get(identity) {
             return Some(counters.clone());
         }
+        let key = identity.clone();
         let mut added = None;
         cache.rcu(|current| {
             let mut next = HashMap::clone(current);

@@ -190,17 +190,19 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = BoxError;
-    type Future = ResponseFuture;
+    /// Without a retry policy, the inner future as it is (no box).
+    type Future = futures_util::future::Either<S::Future, ResponseFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> ResponseFuture {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        use futures_util::future::Either;
         let dest = self.destination.load();
         let (Some(policy), Some(budget)) = (dest.policy.retries.clone(), dest.budget.clone())
         else {
-            return Box::pin(self.inner.call(req.map(AttemptBody::once)));
+            return Either::Left(self.inner.call(req.map(AttemptBody::once)));
         };
         let service: Arc<str> = dest.name.clone();
         let per_try = dest.per_try_timeout(req.uri().path());
@@ -216,7 +218,7 @@ where
         let first = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, first);
         let metrics = self.metrics.clone();
-        Box::pin(attempts(
+        Either::Right(Box::pin(attempts(
             inner,
             req,
             Attempts {
@@ -228,7 +230,7 @@ where
                 service,
                 metrics,
             },
-        ))
+        )))
     }
 }
 
@@ -288,7 +290,7 @@ where
     loop {
         let mut req = Request::from_parts(clone_parts(&parts), replay.next_attempt());
         req.headers_mut()
-            .insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
+            .insert(ATTEMPT_HEADER, attempt_value(attempt));
         note(attempt);
         let result = try_once(&mut inner, req, per_try, &a.service).await;
         let Some(reason) = retry_reason(&a.policy.retry_on, &result) else {
@@ -331,6 +333,16 @@ where
             timeout: limit,
         }
         .into()),
+    }
+}
+
+/// `x-outrigger-retry-attempt`'s value, without an allocation for the
+/// attempts a policy can have (1 to 10).
+fn attempt_value(attempt: u32) -> HeaderValue {
+    const VALUES: [&str; 10] = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+    match VALUES.get(attempt.saturating_sub(1) as usize) {
+        Some(v) => HeaderValue::from_static(v),
+        None => HeaderValue::from(attempt),
     }
 }
 

@@ -156,6 +156,9 @@ pub struct Trace<S> {
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+/// The inner future as it is when nothing is recorded (most requests),
+/// boxed only when a span or a log line is.
+type TraceFuture<F> = futures_util::future::Either<F, ResponseFuture>;
 
 impl<S, B> Service<Request<B>> for Trace<S>
 where
@@ -164,13 +167,14 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = ResponseFuture;
+    type Future = TraceFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> ResponseFuture {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        use futures_util::future::Either;
         let tracing = &self.layer.tracing;
         let parent = trace_context::extract(req.headers());
         let span = SpanContext::start(parent.as_ref(), tracing.sampling_percent());
@@ -179,7 +183,7 @@ where
         let sink = tracing.sink.load_full().filter(|_| span.sampled);
         let logged = tracing.access_log.as_ref().is_some_and(AccessLog::sampled);
         if sink.is_none() && !logged {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         }
         let tracing = tracing.clone();
         let request_id = request_id(req.headers());
@@ -197,7 +201,7 @@ where
         let kind = self.layer.kind;
         let target = self.layer.target.clone();
         let fut = self.inner.call(req);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let rsp = fut.await?;
             let status = rsp.status().as_u16();
             let proxy_error = rsp
@@ -237,7 +241,7 @@ where
                 sink.record(finished);
             }
             Ok(rsp)
-        })
+        }))
     }
 }
 
@@ -296,7 +300,9 @@ fn ensure_request_id(headers: &mut HeaderMap) {
     for (text, part) in groups {
         trace_context::write_hex(&mut id[text], &bytes[part]);
     }
-    if let Ok(value) = HeaderValue::from_bytes(&id) {
+    if let Ok(mut value) = HeaderValue::from_bytes(&id) {
+        // New on every request: not worth an HPACK table entry.
+        value.set_sensitive(true);
         headers.insert(REQUEST_ID, value);
     }
 }
