@@ -24,17 +24,22 @@ fn promtool() -> PathBuf {
     if let Some(path) = found("promtool") {
         return path;
     }
-    let script = repo().join("deploy/prometheus/install-promtool.sh");
+    install("deploy/prometheus/install-promtool.sh", "promtool");
+    found("promtool").expect("promtool on PATH after installing it")
+}
+
+/// Runs one of the project's install scripts; `what` is what it installs.
+fn install(script: &str, what: &str) {
+    let script = repo().join(script);
     let status = Command::new("bash")
         .arg(&script)
         .status()
         .expect("run the installer");
     assert!(
         status.success(),
-        "{} failed: promtool is needed for this test",
+        "{} failed: {what} is needed for these tests",
         script.display()
     );
-    found("promtool").expect("promtool on PATH after installing it")
 }
 
 fn run(promtool: &Path, args: &[&str]) {
@@ -178,15 +183,9 @@ fn the_systemd_unit_verifies() {
 fn kubernetes_validate() -> PathBuf {
     let bin = repo().join("target/kubernetes-validate/bin/kubernetes-validate");
     if !bin.exists() {
-        let script = repo().join("deploy/kubernetes/install-validator.sh");
-        let status = Command::new("bash")
-            .arg(&script)
-            .status()
-            .expect("run the installer");
-        assert!(
-            status.success(),
-            "{} failed: kubernetes-validate is needed",
-            script.display()
+        install(
+            "deploy/kubernetes/install-validator.sh",
+            "kubernetes-validate",
         );
     }
     bin

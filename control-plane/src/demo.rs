@@ -36,18 +36,32 @@ impl Sidecar {
     /// Waits (bounded) until the sidecar has its first snapshot, then
     /// reads its listeners from /config.
     async fn wait_configured(&mut self, client: &HttpClient) -> anyhow::Result<()> {
+        let what = format!(
+            "the {} sidecar got no policy from the control plane",
+            self.name
+        );
+        let config = self
+            .wait_for_config(client, &what, |c| !c["version"].is_null())
+            .await?;
+        self.listeners = config["listeners"].clone();
+        Ok(())
+    }
+
+    /// Polls /config (for 20 s at most) until `ready` holds; returns it.
+    async fn wait_for_config(
+        &self,
+        client: &HttpClient,
+        failure: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let config = get_json(client, &format!("http://{}/config", self.admin)).await?;
-            if !config["version"].is_null() {
-                self.listeners = config["listeners"].clone();
-                return Ok(());
+            if ready(&config) {
+                return Ok(config);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "the {} sidecar got no policy from the control plane",
-                    self.name
-                );
+                bail!("{failure}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -174,6 +188,12 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
     // and both need their certificates.
     wait_until_ok(&h1, &format!("http://{to_api}/hello")).await?;
     wait_until_registered(&h1, &web, "shop/billing").await?;
+    for sidecar in [&web, &api, &billing] {
+        let failure = format!("the {} sidecar got no certificate", sidecar.name);
+        sidecar
+            .wait_for_config(&h1, &failure, |c| c["identity"]["spiffeId"].is_string())
+            .await?;
+    }
 
     let mut steps = Vec::new();
 
@@ -505,21 +525,18 @@ async fn wait_until_registered(
     sidecar: &Sidecar,
     service: &str,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let config = get_json(client, &format!("http://{}/config", sidecar.admin)).await?;
-        let endpoints = &config["endpoints"][service]["endpoints"];
-        if endpoints.as_array().is_some_and(|e| !e.is_empty()) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} sidecar never learned an endpoint of {service}",
-                sidecar.name
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let failure = format!(
+        "{} sidecar never learned an endpoint of {service}",
+        sidecar.name
+    );
+    sidecar
+        .wait_for_config(client, &failure, |c| {
+            c["endpoints"][service]["endpoints"]
+                .as_array()
+                .is_some_and(|e| !e.is_empty())
+        })
+        .await
+        .map(|_| ())
 }
 
 /// The control plane process and what it reported at start.
