@@ -69,12 +69,15 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let (timeout, service) = {
+        // The service name is only needed for a timeout error: taken (an
+        // Arc clone) only when there is a timeout.
+        let timeout = {
             let dest = self.destination.load();
-            (dest.request_timeout(req.uri().path()), dest.name.clone())
+            dest.request_timeout(req.uri().path())
+                .map(|timeout| (timeout, dest.name.clone()))
         };
         let fut = self.inner.call(req);
-        let Some(timeout) = timeout else {
+        let Some((timeout, service)) = timeout else {
             return Box::pin(async move { fut.await.map_err(Into::into) });
         };
         Box::pin(async move {
