@@ -58,6 +58,45 @@ pub async fn http1_get(addr: SocketAddr, path: &str) -> Result<(u16, Bytes), Box
     Ok((status, read_body(rsp).await?))
 }
 
+/// A whole answer: status, headers and body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// A header's value, or "" when it is absent or not text.
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `req` over a fresh HTTP/1.1 client and reads the whole answer
+/// (bounded in time).
+pub async fn exchange(req: Request<ClientBody>) -> Answer {
+    let rsp = tokio::time::timeout(Duration::from_secs(10), http1().request(req))
+        .await
+        .expect("answered in time")
+        .expect("response");
+    let status = rsp.status().as_u16();
+    let headers = rsp.headers().clone();
+    let body = read_body(rsp).await.expect("body");
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
 /// GETs `path` from `addr` with `client` (bounded in time): the status and
 /// the `x-upstream` header, which names the test app that answered.
 pub async fn upstream_of(

@@ -53,18 +53,12 @@ async fn get_host(addr: SocketAddr, host: &str, path: &str) -> (u16, String, Str
         .header("host", host)
         .body(clients::empty())
         .unwrap();
-    let rsp = tokio::time::timeout(Duration::from_secs(10), clients::http1().request(req))
-        .await
-        .expect("answered in time")
-        .expect("response");
-    let status = rsp.status().as_u16();
-    let error = rsp
-        .headers()
-        .get("x-outrigger-error")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let body = clients::read_body(rsp).await.unwrap();
-    (status, error, String::from_utf8_lossy(&body).into_owned())
+    let answer = clients::exchange(req).await;
+    (
+        answer.status,
+        answer.header("x-outrigger-error"),
+        answer.text(),
+    )
 }
 
 /// GET over HTTP/2 with `:authority` set to `authority` (not the address

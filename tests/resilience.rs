@@ -47,24 +47,12 @@ async fn send(outbound: SocketAddr, method: Method, path: &str) -> (u16, String,
         .uri(format!("http://{outbound}{path}"))
         .body(clients::body("payload"))
         .expect("request");
-    let rsp = tokio::time::timeout(Duration::from_secs(10), clients::http1().request(req))
-        .await
-        .expect("answered in time")
-        .expect("response");
-    let header = |name: &str| {
-        rsp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let out = (
-        rsp.status().as_u16(),
-        header("x-outrigger-error"),
-        header("x-upstream"),
-    );
-    read_body(rsp).await.expect("body");
-    out
+    let answer = clients::exchange(req).await;
+    (
+        answer.status,
+        answer.header("x-outrigger-error"),
+        answer.header("x-upstream"),
+    )
 }
 
 async fn get(outbound: SocketAddr, path: &str) -> (u16, String, String) {

@@ -136,9 +136,9 @@ async fn run_in(dir: &Path) -> anyhow::Result<()> {
         cp.grpc, cp.api, cp.admin
     );
 
-    let api_app = start_api_app().await?;
+    let api_app = start_app(api_app).await?;
     println!("  api app        listening on {api_app} (its /flaky fails every other time)");
-    let billing_app = start_billing_app().await?;
+    let billing_app = start_app(billing_app).await?;
     println!("  billing app    listening on {billing_app} (failing: every answer is a 503)");
 
     // The policy goes in through the REST API, as `outrigger apply` does.
@@ -848,7 +848,19 @@ spec:
 }
 
 /// The sample billing app: down for maintenance, every answer a 503.
-async fn start_billing_app() -> anyhow::Result<SocketAddr> {
+async fn billing_app(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut rsp = Response::new(Full::new(Bytes::from("billing: down for maintenance\n")));
+    *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    Ok(rsp)
+}
+
+/// Serves a sample app (`handler`) on a free loopback port, HTTP/1.1 and
+/// h2c; returns the address.
+async fn start_app<F, Fut>(handler: F) -> anyhow::Result<SocketAddr>
+where
+    F: Fn(Request<Incoming>) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -857,12 +869,7 @@ async fn start_billing_app() -> anyhow::Result<SocketAddr> {
                 continue;
             };
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    let mut rsp =
-                        Response::new(Full::new(Bytes::from("billing: down for maintenance\n")));
-                    *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                    Ok::<_, Infallible>(rsp)
-                });
+                let service = hyper::service::service_fn(handler);
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -872,27 +879,8 @@ async fn start_billing_app() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The sample api app: `/slow` takes 1 s, anything else answers with what
-/// the app saw of the request.
-async fn start_api_app() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(api_app);
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
+/// The sample api app: `/slow` takes 1 s, `/flaky` fails every other
+/// time, anything else answers with what the app saw of the request.
 async fn api_app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     /// `/flaky` fails every other time, starting with the first.
     static FLAKY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
